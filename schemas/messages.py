@@ -1,0 +1,97 @@
+"""JSON message models for every Atrius topic: frozen pydantic models that reject unknown fields."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.names import DeviceName, FileId, HashHex
+
+MAX_JSON_MESSAGE = 64 * 1024
+"""Largest JSON control message accepted (heads with an inline manifest stay far below)."""
+
+MAX_HASHES_PER_REQUEST = 64
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class PresenceState(str, enum.Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Presence(Model):
+    """Retained on ``presence/{device}``; the Last Will carries the same epoch with state offline."""
+
+    device: DeviceName
+    state: PresenceState
+    epoch: Annotated[int, Field(ge=0)]
+    since: float = 0.0
+    host: Annotated[str, Field(max_length=255)] = ""
+    agent_version: Annotated[str, Field(max_length=64)] = ""
+
+
+class Head(Model):
+    """Retained on ``files/{key}/head``: the current version of one file.
+
+    ``hash`` is BLAKE3-256 of the whole content.  ``manifest`` lists the hashes of the manifest
+    pages (see :mod:`schemas.manifest`); ``inline_manifest`` carries the single page base64-encoded
+    when it is small, which saves small files a round trip.
+    """
+
+    file_id: FileId
+    hash: HashHex
+    size: Annotated[int, Field(ge=0)]
+    version: Annotated[int, Field(ge=1)]
+    author: DeviceName
+    deleted: bool = False
+    time: float = 0.0
+    parent: HashHex | None = None
+    chunks: Annotated[int, Field(ge=0)] = 0
+    manifest: Annotated[list[HashHex], Field(max_length=4096)] = []
+    inline_manifest: Annotated[str | None, Field(max_length=8192)] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Head:
+        if self.inline_manifest is not None and len(self.manifest) != 1:
+            raise ValueError("inline_manifest requires exactly one manifest page")
+        if self.deleted and (self.chunks or self.manifest):
+            raise ValueError("a deleted head carries no chunks")
+        if not self.deleted and (self.chunks == 0) != (self.size == 0):
+            raise ValueError("chunks and size disagree")
+        if self.chunks and not self.manifest:
+            raise ValueError("a head with chunks needs a manifest")
+        return self
+
+
+class LockState(Model):
+    """Retained on ``files/{key}/lock`` by the coordinator; an empty retained payload = unlocked."""
+
+    file_id: FileId
+    holder: DeviceName
+    acquired_at: float
+    expires_at: float | None = None
+    note: Annotated[str, Field(max_length=500)] = ""
+
+
+class ChunkRequest(Model):
+    """Sent to ``dev/{provider}/req`` or ``hub/req``: please send me these blobs by hash.
+
+    Blobs are file chunks and manifest pages alike.  ``requester`` None means the coordinator.
+    The provider answers each hash with one binary frame (:mod:`schemas.frames`) on the
+    requester's data topic: the blob, or a "missing" frame.
+    """
+
+    kind: Literal["get"] = "get"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    requester: DeviceName | None
+    file_id: FileId
+    hashes: Annotated[list[HashHex], Field(min_length=1, max_length=MAX_HASHES_PER_REQUEST)]
+
+
+def encode(msg: Model) -> bytes:
+    return msg.model_dump_json(exclude_none=False).encode()

@@ -73,6 +73,12 @@ class PullPlan:
             want.provider = None
         self._maybe_backoff(want, now)
 
+    def missing_current(self, digest: str, now: float) -> None:
+        """The provider currently asked for ``digest`` answered that it does not hold it."""
+        want = self._want.get(digest)
+        if want is not None and want.provider is not None:
+            self.missing(digest, want.provider, now)
+
     def _maybe_backoff(self, want: _Want, now: float) -> None:
         if self.providers and all(p in want.tried for p in self.providers):
             want.tried.clear()

@@ -1,0 +1,121 @@
+"""The agent's state dir: last synced head per file, the presence epoch, manifest pages, snapshots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import blake3
+from pydantic import ValidationError
+
+from schemas.messages import Head
+from schemas.topics import file_key
+
+log = logging.getLogger("atrius.state")
+
+
+class StateError(RuntimeError):
+    """The state dir cannot be read or written."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AgentState:
+    """Single owner: the sync engine.  Persists after every change (small JSON, atomic)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blob_dir = root / "blobs"
+        self.snap_dir = root / "snapshots"
+        try:
+            for d in (root, self.blob_dir, self.snap_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"creating state dir {root}: {exc}") from exc
+        self._file = root / "state.json"
+        self.epoch = 0
+        self.synced: dict[str, Head] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self._file.exists():
+            return
+        try:
+            raw = json.loads(self._file.read_text())
+            self.epoch = int(raw.get("epoch", 0))
+            for fid, head in raw.get("synced", {}).items():
+                self.synced[fid] = Head.model_validate(head)
+        except (OSError, ValueError, ValidationError) as exc:
+            bad = self._file.with_suffix(f".corrupt-{int(time.time())}")
+            log.error("state file %s is unreadable (%s); moved to %s and starting fresh", self._file, exc, bad)
+            os.replace(self._file, bad)
+            self.synced.clear()
+
+    def save(self) -> None:
+        data = {"epoch": self.epoch, "synced": {k: v.model_dump(mode="json") for k, v in self.synced.items()}}
+        write_atomic(self._file, json.dumps(data, indent=1).encode())
+
+    def next_epoch(self) -> int:
+        self.epoch = max(self.epoch + 1, 1)
+        self.save()
+        return self.epoch
+
+    def set_synced(self, head: Head) -> None:
+        self.synced[head.file_id] = head
+        self.save()
+
+    # -- manifest pages (small blobs this device authored or fetched) ----------------------
+    def put_blob(self, digest: str, data: bytes | memoryview) -> None:
+        path = self.blob_dir / digest
+        if not path.exists():
+            write_atomic(path, bytes(data))
+
+    def get_blob(self, digest: str) -> bytes | None:
+        try:
+            data = (self.blob_dir / digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data if blake3.blake3(data).hexdigest() == digest else None
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def snapshot(self, file_id: str, source: Path, label: str, keep: int) -> Path | None:
+        """Keep the current content of ``source`` (hard link when possible, else copy)."""
+        if keep <= 0 or not source.exists():
+            return None
+        folder = self.snap_dir / file_key(file_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() % 1_000_000_000:09d}"
+        dest = folder / f"{stamp}-{label}{source.suffix}"
+        try:
+            os.link(source, dest)
+        except OSError:
+            shutil.copy2(source, dest)
+        self._prune(folder, keep)
+        return dest
+
+    @staticmethod
+    def _prune(folder: Path, keep: int) -> None:
+        snaps = sorted(p for p in folder.iterdir() if p.is_file())
+        for old in snaps[: max(0, len(snaps) - keep)]:
+            old.unlink(missing_ok=True)

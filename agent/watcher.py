@@ -1,0 +1,69 @@
+"""Watch stage: turns watchdog events on the listed files into "look at this file after N ms" hints.
+
+The watchdog thread only calls ``loop.call_soon_threadsafe``.  Events are hints, not truth: the
+engine decides by content hash.  A close-after-write or a rename onto the path (editors' atomic
+save) means the write is complete, so it is looked at almost at once; a plain "modified" waits for
+the settle time, restarting on every further write, so a file still being written is not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedNoWriteEvent,
+    FileModifiedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+log = logging.getLogger("atrius.watch")
+
+QUICK_MS = 5
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watched: set[str], notify: Callable[[str, bool], None]) -> None:
+        self.watched = watched
+        self.notify = notify
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileOpenedEvent | FileClosedNoWriteEvent) or event.is_directory:
+            return
+        quick = not isinstance(event, FileModifiedEvent)
+        for p in (event.src_path, getattr(event, "dest_path", "")):
+            if isinstance(p, bytes):
+                p = os.fsdecode(p)
+            if p and p in self.watched:
+                # A rename away from the path or a delete is also a change worth a look.
+                self.notify(p, quick)
+
+
+class Watcher:
+    """Watches the parent folders of the listed files (so save-by-rename is seen)."""
+
+    def __init__(self, paths: Iterable[Path], on_hint: Callable[[Path, bool], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._paths = {str(p): p for p in paths}
+        self._on_hint = on_hint
+        self._observer = Observer()
+        handler = _Handler(set(self._paths), self._from_thread)
+        for folder in sorted({p.parent for p in self._paths.values()}):
+            folder.mkdir(parents=True, exist_ok=True)
+            self._observer.schedule(handler, str(folder), recursive=False)
+
+    def _from_thread(self, path: str, quick: bool) -> None:
+        self._loop.call_soon_threadsafe(self._on_hint, self._paths[path], quick)
+
+    def start(self) -> None:
+        self._observer.start()
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)

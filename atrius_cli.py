@@ -1,0 +1,160 @@
+"""The thin ``atrius`` entry module: parses the command line and dispatches to agent/ or broker/.
+
+Exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 lock held by someone else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+
+log = logging.getLogger("atrius")
+
+
+def _setup_logging(verbose: bool, log_file: str | None) -> None:
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)
+    if not verbose:
+        for noisy in ("amqtt", "transitions", "watchdog"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_until_signal(make: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``make(stop)`` on a fresh loop; SIGINT/SIGTERM set ``stop`` for a clean shutdown."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await make(stop)
+
+    asyncio.run(main())
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from broker.embedded import main_broker
+
+    return main_broker(args.host, args.port)
+
+
+def _cmd_hub(args: argparse.Namespace) -> int:
+    from broker.embedded import BrokerStartError
+    from broker.hub import serve_hub
+
+    data = Path(args.data).expanduser().absolute()
+    try:
+        run_until_signal(lambda stop: serve_hub(args.host, args.port, data, stop))
+    except BrokerStartError as exc:
+        log.error("%s", exc)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from broker.coordinator import Coordinator
+    from schemas.mqtt import BrokerUrl, BrokerUrlError
+
+    try:
+        url = BrokerUrl.parse(args.broker)
+    except BrokerUrlError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    coord = Coordinator(url, Path(args.data).expanduser().absolute(), username=args.username,
+                        password=args.password, ca_file=args.ca_file)
+    run_until_signal(coord.run)
+    return EXIT_OK
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from agent.cli import main_agent
+
+    return main_agent(args.config, tui=args.tui, run=run_until_signal)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import main_demo
+
+    return main_demo(forever=args.forever, size=args.size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from agent import __version__
+
+    p = argparse.ArgumentParser(
+        prog="atrius",
+        description="Real-time file sync for game teams over MQTT.",
+        epilog="example: atrius hub --data .atrius-hub    then on each device: atrius agent --config agent.yaml",
+    )
+    p.add_argument("--version", action="version", version=f"atrius {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    p.add_argument("--log-file", help="also write the log to this file")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def listen_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+        sp.add_argument("--port", type=int, default=1883, help="port to listen on (default 1883)")
+
+    sp = sub.add_parser("hub", help="embedded MQTT broker + coordinator in one process",
+                        epilog="example: atrius hub --port 1883 --data .atrius-hub")
+    listen_args(sp)
+    sp.add_argument("--data", default=".atrius-hub", help="coordinator data dir (default .atrius-hub)")
+    sp.set_defaults(func=_cmd_hub)
+
+    sp = sub.add_parser("broker", help="embedded MQTT broker only (amqtt)", epilog="example: atrius broker --port 1883")
+    listen_args(sp)
+    sp.set_defaults(func=_cmd_broker)
+
+    sp = sub.add_parser("coordinator", help="coordinator against any MQTT 3.1.1 broker (e.g. Mosquitto)",
+                        epilog="example: atrius coordinator --broker mqtt://127.0.0.1:1883 --data .atrius-hub")
+    sp.add_argument("--broker", required=True, help="broker URL, mqtt://host:port or mqtts://host:port")
+    sp.add_argument("--data", default=".atrius-hub", help="data dir (default .atrius-hub)")
+    sp.add_argument("--username")
+    sp.add_argument("--password")
+    sp.add_argument("--ca-file")
+    sp.set_defaults(func=_cmd_coordinator)
+
+    sp = sub.add_parser("agent", help="sync the files listed in a YAML config",
+                        epilog="example: atrius agent --config agent.yaml")
+    sp.add_argument("--config", required=True, help="agent YAML file")
+    sp.add_argument("--tui", action="store_true", help="live terminal UI (coming in a later release)")
+    sp.set_defaults(func=_cmd_agent)
+
+    sp = sub.add_parser("demo", help="two devices syncing through the embedded hub on this machine",
+                        epilog="example: atrius demo   (or: atrius demo --forever)")
+    sp.add_argument("--forever", action="store_true", help="keep the hub and devices running after the demo")
+    sp.add_argument("--size", type=int, default=4 * 1024 * 1024, help="size of the demo file in bytes")
+    sp.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.log_file)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:
+        if args.verbose:
+            raise
+        log.error("%s: %s", type(exc).__name__, exc)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,7 @@ log = logging.getLogger("atrius")
 
 
 def _setup_logging(verbose: bool, log_file: str | None) -> None:
-    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    fmt = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))

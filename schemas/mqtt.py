@@ -9,7 +9,9 @@ clients' subscriptions (see tests/test_amqtt_defects.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +125,11 @@ class MqttSession:
             client.will_set(will.topic, will.payload, qos=1, retain=True)
 
     def _cb_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        # paho leaves Nagle on: a small request then waits for the peer's delayed ACK (40 ms on Linux).
+        sock = client.socket()
+        if isinstance(sock, socket.socket) and not rc.is_failure:  # ssl.SSLSocket is one too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._loop.call_soon_threadsafe(self._connected, not rc.is_failure, str(rc))
 
     def _cb_connect_fail(self, client: paho.Client, userdata: Any) -> None:

@@ -103,6 +103,8 @@ class PullPlan:
                 continue
             provider = next((p for p in self.providers if p not in want.tried), None)
             if provider is None:
+                # Every provider still listed has failed it (the list may have shrunk): back off.
+                self._maybe_backoff(want, now)
                 continue
             want.provider = provider
             want.deadline = now + self.timeout
@@ -117,5 +119,7 @@ class PullPlan:
 
     def next_deadline(self, now: float) -> float:
         """When :meth:`poll` next has something to do if nothing arrives (for the caller's sleep)."""
+        if not self.providers:
+            return now + self.retry_after
         times = [w.deadline if w.provider is not None else max(w.not_before, now) for w in self._want.values()]
         return min(times, default=now + self.timeout)

@@ -76,8 +76,11 @@ def _hash(path: Path) -> str | None:
         return None
 
 
-def _last(pattern: str, text: str) -> str:
-    found = re.findall(pattern, text)
+def _last(pattern: str, proc: _Proc) -> str:
+    """The last match of ``pattern`` in a log (the line may land a moment after the file)."""
+    deadline = time.monotonic() + 3
+    while not (found := re.findall(pattern, proc.text())) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return found[-1] if found else "?"
 
 
@@ -119,7 +122,7 @@ def main_demo(*, forever: bool, size: int) -> int:
         with open(a_path, "wb") as fh:
             fh.write(data)
         took = _wait(lambda: _hash(b_path) == digest, 60, "bob to receive the texture")
-        detail = _last(r"applied v1 from alice-pc \(([^)]*)\)", bob.text())
+        detail = _last(r"applied v1 from alice-pc \(([^)]*)\)", bob)
         _say(f"   bob has it, verified by BLAKE3, {took * 1000:.0f} ms after alice's save ({detail})")
 
         _say("\n2. bob paints over 100 bytes in the middle and saves")
@@ -130,7 +133,7 @@ def main_demo(*, forever: bool, size: int) -> int:
             fh.write(edited[size // 2 : size // 2 + 100])
         digest2 = blake3.blake3(bytes(edited)).hexdigest()
         took = _wait(lambda: _hash(a_path) == digest2, 60, "alice to receive bob's edit")
-        detail = _last(r"applied v2 from bob-laptop \(([^)]*)\)", alice.text())
+        detail = _last(r"applied v2 from bob-laptop \(([^)]*)\)", alice)
         _say(f"   alice has v2 {took * 1000:.0f} ms later; only changed chunks travelled ({detail})")
 
         _say("\n3. a small 10 KiB file saved 5 times by alice")

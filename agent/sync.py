@@ -119,9 +119,10 @@ class FileTask:
         self.remote_conn = self.engine.session.connect_count
         if head.hash in self.bad_heads:
             return
+        # Track the last arrival, not the best: it is what the broker now retains, so a loser
+        # arriving after our winner is noticed (and answered with REASSERT).
         if self.remote is None or (head.version, head.hash) != (self.remote.version, self.remote.hash):
-            if self.remote is None or head.version >= self.remote.version or head.author == self.remote.author:
-                self.remote = head
+            self.remote = head
             self.wake.set()
 
     def on_reconnected(self) -> None:
@@ -340,7 +341,10 @@ class FileTask:
             if st != self.index_stat:
                 await self._rescan()  # the user touched it during the transfer: look again
             expected = {head.hash} | ({self.known.hash} if self.known else set())
-            if keep_local or (self.local_hash is not None and self.local_hash not in expected):
+            # Our own version lost a same-version race (tie-break): keep it visibly, not only in snapshots.
+            lost_race = (self.known is not None and self.known.author == eng.cfg.device
+                         and self.local_hash == self.known.hash and head.version == self.known.version)
+            if keep_local or lost_race or (self.local_hash is not None and self.local_hash not in expected):
                 copy = conflict_name(path, eng.cfg.device)
                 await asyncio.to_thread(shutil.copy2, path, copy)
                 log.warning("%s: local edit kept as conflict copy %s before applying v%d from %s",

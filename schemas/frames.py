@@ -7,7 +7,7 @@ import struct
 from dataclasses import dataclass
 
 MIN_CHUNK = 64 * 1024
-AVG_CHUNK = 64 * 1024  # pyfastcdc's average is avg + min, so ~128 KiB in practice
+AVG_CHUNK = 64 * 1024  # pyfastcdc target; measured average ~100 KiB on random data with these bounds
 MAX_CHUNK = 512 * 1024
 """Hard cap on a blob: far below the 1 MB packet limits of EMQX and amqtt's WebSocket listener."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,25 @@ def stat_of(path: Path) -> FileStat | None:
         return None
 
 
+class NotAFile(OSError):
+    """The path exists but is not a regular file (a folder, FIFO, device...)."""
+
+
+def _open_regular(path: Path) -> tuple[int, FileStat]:
+    """Open without blocking (a FIFO would hang a plain open) and insist on a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotAFile(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd, FileStat.of(st)
+
+
 def hash_file(path: Path) -> tuple[str, FileStat]:
     """Whole-content BLAKE3 of ``path``, streaming; raises FileChanged if it changed meanwhile."""
-    with open(path, "rb") as fh:
-        before = FileStat.of(os.fstat(fh.fileno()))
+    fd, before = _open_regular(path)
+    with open(fd, "rb") as fh:
         h = blake3.blake3()
         buf = bytearray(READ_BUFFER)
         view = memoryview(buf)
@@ -66,8 +82,8 @@ def scan_file(path: Path) -> Scan:
     whole = blake3.blake3()
     refs: list[ChunkRef] = []
     size = 0
-    with open(path, "rb", buffering=READ_BUFFER) as fh:
-        before = FileStat.of(os.fstat(fh.fileno()))
+    fd, before = _open_regular(path)
+    with open(fd, "rb", buffering=READ_BUFFER) as fh:
         for chunk in _CDC.cut_stream(fh):
             data = chunk.data
             whole.update(data)

@@ -59,6 +59,10 @@ FETCH_GIVE_UP = 30.0
 RETRY_DELAY = 3.0
 
 
+class ScanError(RuntimeError):
+    """A listed file that exists but cannot be read; retried until it can."""
+
+
 def conflict_name(path: Path, device: str, when: float | None = None) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when if when is not None else time.time()))
     candidate = path.with_name(f"{path.stem}.conflict-{device}-{stamp}{path.suffix}")
@@ -135,14 +139,19 @@ class FileTask:
         removed = remove_stale_temps(self.entry.path)
         if removed:
             log.info("%s: removed %d temp file(s) left by an interrupted apply", self.entry.file_id, removed)
-        await self._rescan()
+        last_error = ""
         while True:
             try:
                 await self._step()
+                last_error = ""
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # keep serving the other files
-                log.error("%s: %s", self.entry.file_id, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            except Exception as exc:  # keep serving the other files; say it once, retry quietly
+                text = str(exc)
+                if text != last_error:
+                    log.error("%s: %s", self.entry.file_id, text, exc_info=log.isEnabledFor(logging.DEBUG))
+                    last_error = text
+                self.dirty = True
                 self.engine.wake_later(self, RETRY_DELAY)
             await self.wake.wait()
             self.wake.clear()
@@ -202,7 +211,7 @@ class FileTask:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise OSError(f"reading {path}: {exc.strerror or exc}") from exc
+                raise ScanError(f"cannot read {path}: {exc.strerror or exc}") from exc
             self._index_from(scan.chunks, scan.stat)
             self.local_hash = scan.hash
             return scan

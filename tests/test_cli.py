@@ -1,0 +1,91 @@
+"""The atrius command line as a user meets it: help, config errors with their line, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from brokers import REPO_ROOT, agent_proc, atrius_env, free_port
+
+
+def run(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "atrius_cli", *args], cwd=cwd or REPO_ROOT, env=atrius_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_and_version() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("hub", "broker", "coordinator", "agent", "demo"):
+        assert cmd in r.stdout
+    r = run("agent", "--help")
+    assert r.returncode == 0 and "example: atrius agent --config" in r.stdout
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("atrius ")
+
+
+def test_usage_error_exit_2() -> None:
+    r = run("agent")
+    assert r.returncode == 2 and "--config" in r.stderr
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_config_errors_name_key_and_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("device: a\nspace: s\nfiles:\n  - path: x.bin\n    colour: red\n")
+    r = run("agent", "--config", str(cfg))
+    assert r.returncode == 2
+    line = _one_line_error(r)
+    assert "line 5" in line and "files[0].colour" in line and "unknown key" in line
+
+    cfg.write_text("device: a\nspace: s\nbroker:\n  url: http://example.org\nfiles:\n  - path: x.bin\n")
+    line = _one_line_error(run("agent", "--config", str(cfg)))
+    assert "line 4" in line and "broker.url" in line and "mqtt://" in line
+
+    cfg.write_text("device: a\nspace: s\nfiles: [\n  - path: x\n")
+    r = run("agent", "--config", str(cfg))
+    assert r.returncode == 2 and "invalid YAML" in _one_line_error(r)
+
+    cfg.write_text("device: a\nspace: s\nfolders:\n  - path: Textures\nfiles:\n  - path: x.bin\n")
+    line = _one_line_error(run("agent", "--config", str(cfg)))
+    assert "line 3" in line and "folders" in line and "not supported yet" in line
+
+    r = run("agent", "--config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "not found" in _one_line_error(r)
+
+
+def test_unreachable_broker_is_reported_and_retried(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    port = free_port()  # nothing listens here
+    cfg.write_text(f"device: a\nspace: s\nbroker:\n  url: mqtt://127.0.0.1:{port}\nfiles:\n  - path: x.bin\n")
+    (tmp_path / "x.bin").write_bytes(b"keep me")
+    proc = agent_proc(cfg).start()
+    try:
+        proc.wait_for_log(rf"cannot reach broker mqtt://127.0.0.1:{port}; retrying", timeout=15)
+        time.sleep(2)
+        assert proc.running, "the agent must keep retrying, not exit"
+        assert proc.log_text().count("cannot reach broker") == 1, "one line per outage, not one per retry"
+    finally:
+        assert proc.stop() == 0
+    assert (tmp_path / "x.bin").read_bytes() == b"keep me"
+    assert "Traceback" not in proc.log_text()
+
+
+def test_hub_port_in_use_exit_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("hub", "--port", str(port), "--data", str(tmp_path / "d"))
+    assert r.returncode == 1
+    assert "cannot listen on 127.0.0.1" in _one_line_error(r)

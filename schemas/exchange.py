@@ -10,6 +10,7 @@ its client before it reads more from disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -130,10 +131,8 @@ class BlobExchange:
                 f.wake.clear()
                 if plan.done:
                     break
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(f.wake.wait(), delay)
-                except TimeoutError:
-                    pass
         finally:
             self._fetches.discard(f)
             for d in plan_keys(digests):
@@ -145,9 +144,8 @@ class BlobExchange:
 
     def _request(self, space: str, file_id: str, provider: str, batch: list[str]) -> None:
         for i in range(0, len(batch), MAX_HASHES_PER_REQUEST):
-            req = ChunkRequest(
-                req_id=uuid.uuid4().hex[:16], requester=self.me, file_id=file_id, hashes=batch[i : i + MAX_HASHES_PER_REQUEST]
-            )
+            part = batch[i : i + MAX_HASHES_PER_REQUEST]
+            req = ChunkRequest(req_id=uuid.uuid4().hex[:16], requester=self.me, file_id=file_id, hashes=part)
             self.session.publish(provider_topic(space, provider), encode(req))
 
     def on_data(self, payload: bytes) -> None:
@@ -226,10 +224,8 @@ class BlobExchange:
     async def close(self) -> None:
         if self._server_task is not None:
             self._server_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._server_task
-            except asyncio.CancelledError:
-                pass
 
 
 def plan_keys(digests: list[str]) -> list[str]:

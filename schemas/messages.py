@@ -20,7 +20,7 @@ class Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
 
-class PresenceState(str, enum.Enum):
+class PresenceState(enum.StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
 

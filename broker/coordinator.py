@@ -27,6 +27,7 @@ from schemas.topics import ROOT, TopicError, TopicKind, all_heads_filter, parse_
 log = logging.getLogger("atrius.coordinator")
 
 RETRY_DELAY = 5.0
+MAX_RETRY_DELAY = 120.0
 
 
 class _StoreSink:
@@ -104,6 +105,7 @@ class Coordinator:
 
     async def _pull(self, space: str, job: _FileJob) -> None:
         head = job.head
+        delay = RETRY_DELAY
         while True:
             try:
                 await self._pull_once(space, head)
@@ -113,11 +115,12 @@ class Coordinator:
                          head.chunks)
                 return
             except (FetchFailed, StoreError) as exc:
-                log.warning("%s/%s v%d: %s; retrying in %.0fs", space, head.file_id, head.version, exc, RETRY_DELAY)
+                log.warning("%s/%s v%d: %s; retrying in %.0fs", space, head.file_id, head.version, exc, delay)
             except ManifestError as exc:
                 log.error("%s/%s v%d: bad manifest (%s); not stored", space, head.file_id, head.version, exc)
                 return
-            await asyncio.sleep(RETRY_DELAY)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY)  # the author may be gone for a long time
 
     async def _pull_once(self, space: str, head: Head) -> None:
         if head.deleted or head.size == 0:

@@ -1,0 +1,1 @@
+"""The hub side: embedded amqtt broker and the coordinator."""

@@ -92,7 +92,7 @@ class AgentConfig:
         entry = self.by_id(name)
         if entry is not None:
             return entry
-        p = Path(name).expanduser().absolute()
+        p = Path(os.path.normpath(Path(name).expanduser().absolute()))
         return next((f for f in self.files if f.path == p), None)
 
 
@@ -123,7 +123,7 @@ def _key_name(loc: tuple[Any, ...]) -> str:
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:
-    src = Path(path).expanduser().absolute()
+    src = Path(os.path.normpath(Path(path).expanduser().absolute()))
     try:
         text = src.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
@@ -180,7 +180,7 @@ def _build(src: Path, s: AgentSection, lines: dict[tuple[Any, ...], int]) -> Age
     seen_paths: dict[Path, int] = {}
     for i, f in enumerate(s.files):
         p = Path(f.path).expanduser()
-        full = (p if p.is_absolute() else base / p).absolute()
+        full = Path(os.path.normpath((p if p.is_absolute() else base / p).absolute()))
         file_id = f.id if f.id is not None else PurePosixPath(Path(f.path)).as_posix()
         if f.id is None and Path(f.path).is_absolute():
             raise fail(("files", i, "path"), "an absolute path needs an explicit 'id'")
@@ -198,7 +198,7 @@ def _build(src: Path, s: AgentSection, lines: dict[tuple[Any, ...], int]) -> Age
         seen_paths[full] = i
         entries.append(FileEntry(file_id, full))
     state = Path(s.state_dir).expanduser() if s.state_dir else Path(".atrius") / s.device
-    state_dir = (state if state.is_absolute() else base / state).absolute()
+    state_dir = Path(os.path.normpath((state if state.is_absolute() else base / state).absolute()))
     ca = s.broker.ca_file
     if ca is not None and not Path(ca).is_absolute():
         ca = str(base / ca)

@@ -63,10 +63,12 @@ class AgentState:
             return
         try:
             raw = json.loads(self._file.read_text())
+            if not isinstance(raw, dict) or not isinstance(raw.get("synced", {}), dict):
+                raise ValueError("not a mapping of epoch and synced heads")
             self.epoch = int(raw.get("epoch", 0))
             for fid, head in raw.get("synced", {}).items():
                 self.synced[fid] = Head.model_validate(head)
-        except (OSError, ValueError, ValidationError) as exc:
+        except (OSError, ValueError, TypeError, ValidationError) as exc:
             bad = self._file.with_suffix(f".corrupt-{int(time.time())}")
             log.error("state file %s is unreadable (%s); moved to %s and starting fresh", self._file, exc, bad)
             os.replace(self._file, bad)
@@ -87,9 +89,11 @@ class AgentState:
 
     # -- manifest pages (small blobs this device authored or fetched) ----------------------
     def put_blob(self, digest: str, data: bytes | memoryview) -> None:
-        path = self.blob_dir / digest
-        if not path.exists():
-            write_atomic(path, bytes(data))
+        """Store a verified blob; a missing or rotten copy on disk is (re)written."""
+        if blake3.blake3(data).hexdigest() != digest:
+            raise StateError(f"blob {digest[:12]} does not match its hash; not stored")
+        if self.get_blob(digest) is None:
+            write_atomic(self.blob_dir / digest, bytes(data))
 
     def get_blob(self, digest: str) -> bytes | None:
         try:
@@ -105,7 +109,8 @@ class AgentState:
             return None
         folder = self.snap_dir / file_key(file_id)
         folder.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() % 1_000_000_000:09d}"
+        now_ns = time.time_ns()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now_ns // 1_000_000_000)) + f".{now_ns % 1_000_000_000:09d}"
         dest = folder / f"{stamp}-{label}{source.suffix}"
         try:
             os.link(source, dest)

@@ -37,7 +37,13 @@ class Frame:
 def encode_frame(status: FrameStatus, hash_hex: str, data: bytes | memoryview = b"") -> bytes:
     if len(data) > MAX_CHUNK:
         raise FrameError(f"blob of {len(data)} bytes exceeds the {MAX_CHUNK} cap")
-    return _HEADER.pack(MAGIC, FRAME_VERSION, status, bytes.fromhex(hash_hex)) + bytes(data)
+    try:
+        digest = bytes.fromhex(hash_hex)
+    except ValueError as exc:
+        raise FrameError("frame hash is not hex") from exc
+    if len(digest) != 32:
+        raise FrameError(f"frame hash must be 32 bytes, got {len(digest)}")
+    return _HEADER.pack(MAGIC, FRAME_VERSION, status, digest) + bytes(data)
 
 
 def decode_frame(payload: bytes) -> Frame:

@@ -14,7 +14,7 @@ MAX_FILE_ID = 512
 
 def check_name(value: str) -> str:
     """Return ``value`` if it is a valid device or space name, else raise ValueError."""
-    if not NAME_RE.match(value) or value in {".", ".."}:
+    if not NAME_RE.fullmatch(value) or value in {".", ".."}:
         raise ValueError(f"{value!r} is not a valid name: use 1-64 of A-Z a-z 0-9 . _ -")
     return value
 
@@ -23,7 +23,7 @@ def check_file_id(value: str) -> str:
     """A logical file id: posix-style relative path, no empty/dot segments, no control characters."""
     if not value or len(value) > MAX_FILE_ID:
         raise ValueError(f"file id must be 1-{MAX_FILE_ID} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
         raise ValueError("file id contains a control character")
     if value.startswith("/") or "\\" in value:
         raise ValueError(f"file id {value!r} must be relative and use '/'")
@@ -34,7 +34,7 @@ def check_file_id(value: str) -> str:
 
 
 def check_hash(value: str) -> str:
-    if not HASH_RE.match(value):
+    if not HASH_RE.fullmatch(value):
         raise ValueError("hash must be 64 lowercase hex characters (BLAKE3-256)")
     return value
 

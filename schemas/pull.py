@@ -121,5 +121,8 @@ class PullPlan:
         """When :meth:`poll` next has something to do if nothing arrives (for the caller's sleep)."""
         if not self.providers:
             return now + self.retry_after
-        times = [w.deadline if w.provider is not None else max(w.not_before, now) for w in self._want.values()]
+        if self.in_flight() >= self.window:  # nothing new can go out before a request ends
+            times = [w.deadline for w in self._want.values() if w.provider is not None]
+        else:
+            times = [w.deadline if w.provider is not None else max(w.not_before, now) for w in self._want.values()]
         return min(times, default=now + self.timeout)

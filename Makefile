@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check schemas agent broker tests bench atrius_cli.py
+	$(BIN)/ruff check .
 	$(BIN)/mypy schemas
 
 test: lint

@@ -13,6 +13,10 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.coordinator import Retention
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -57,7 +61,7 @@ def _cmd_hub(args: argparse.Namespace) -> int:
 
     data = Path(args.data).expanduser().absolute()
     try:
-        run_until_signal(lambda stop: serve_hub(args.host, args.port, data, stop))
+        run_until_signal(lambda stop: serve_hub(args.host, args.port, data, stop, _retention(args)))
     except BrokerStartError as exc:
         log.error("%s", exc)
         return EXIT_RUNTIME
@@ -74,7 +78,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return EXIT_USAGE
     coord = Coordinator(url, Path(args.data).expanduser().absolute(), username=args.username,
-                        password=args.password, ca_file=args.ca_file)
+                        password=args.password, ca_file=args.ca_file, retention=_retention(args))
     run_until_signal(coord.run)
     return EXIT_OK
 
@@ -85,10 +89,44 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     return main_agent(args.config, tui=args.tui, run=run_until_signal)
 
 
+def _cmd_versions(args: argparse.Namespace) -> int:
+    from agent.cli import main_command
+    from agent.commands import cmd_versions
+
+    return main_command(args.config, lambda cfg: cmd_versions(cfg, args.file_id, as_json=args.json))
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from agent.cli import main_command
+    from agent.commands import cmd_restore
+
+    return main_command(args.config, lambda cfg: cmd_restore(cfg, args.file_id, args.version))
+
+
+def _retention(args: argparse.Namespace) -> Retention:
+    from broker.coordinator import Retention
+
+    return Retention(keep_versions=args.keep_versions, keep_days=args.keep_days)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import main_demo
 
     return main_demo(forever=args.forever, size=args.size)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,10 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
         sp.add_argument("--port", type=int, default=1883, help="port to listen on (default 1883)")
 
+    def retention_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--keep-versions", type=_positive_int, metavar="N",
+                        help="keep the content of the newest N versions per file (default: all)")
+        sp.add_argument("--keep-days", type=_positive_float, metavar="D",
+                        help="keep the content of versions younger than D days (default: all)")
+
     sp = sub.add_parser("hub", help="embedded MQTT broker + coordinator in one process",
-                        epilog="example: atrius hub --port 1883 --data .atrius-hub")
+                        epilog="example: atrius hub --port 1883 --data .atrius-hub --keep-versions 50")
     listen_args(sp)
     sp.add_argument("--data", default=".atrius-hub", help="coordinator data dir (default .atrius-hub)")
+    retention_args(sp)
     sp.set_defaults(func=_cmd_hub)
 
     sp = sub.add_parser("broker", help="embedded MQTT broker only (amqtt)", epilog="example: atrius broker --port 1883")
@@ -125,7 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--username")
     sp.add_argument("--password")
     sp.add_argument("--ca-file")
+    retention_args(sp)
     sp.set_defaults(func=_cmd_coordinator)
+
+    sp = sub.add_parser("versions", help="list every version of a file, newest first",
+                        epilog="example: atrius versions art/hero.png --config agent.yaml --json")
+    sp.add_argument("file_id", metavar="FILE_ID", help="logical file id, or a local path listed in the config")
+    sp.add_argument("--config", required=True, help="agent YAML file (space and broker)")
+    sp.add_argument("--json", action="store_true", help="print a JSON list")
+    sp.set_defaults(func=_cmd_versions)
+
+    sp = sub.add_parser("restore", help="make an earlier version the new head on every device",
+                        epilog="example: atrius restore art/hero.png --version 3 --config agent.yaml")
+    sp.add_argument("file_id", metavar="FILE_ID", help="logical file id, or a local path listed in the config")
+    sp.add_argument("--version", type=_positive_int, required=True, help="the version to restore")
+    sp.add_argument("--config", required=True, help="agent YAML file (space and broker)")
+    sp.set_defaults(func=_cmd_restore)
 
     sp = sub.add_parser("agent", help="sync the files listed in a YAML config",
                         epilog="example: atrius agent --config agent.yaml")

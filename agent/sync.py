@@ -16,6 +16,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,7 +293,7 @@ class FileTask:
                 if needed:
                     order = [e.hash for e in entries if e.hash in needed]
                     await self.engine.exchange.fetch(
-                        self.engine.cfg.space, fid, order, lambda: self.engine.providers(head.author), asm,
+                        self.engine.cfg.space, fid, order, self._providers_for(head), asm,
                         give_up_after=FETCH_GIVE_UP,
                     )
                 await asyncio.to_thread(asm.finish, head.hash)
@@ -313,6 +314,9 @@ class FileTask:
         log.info("%s: applied v%d from %s (%s; %d chunks fetched, %d reused) in %.0f ms",
                  fid, head.version, head.author, _size(head.size), len(needed), reused, ms)
 
+    def _providers_for(self, head: Head) -> Callable[[], list[str]]:
+        return lambda: self.engine.providers(head.author, hub_first=head.restored_from is not None)
+
     async def _manifest(self, head: Head) -> list[ChunkRef]:
         if head.size == 0:
             return []
@@ -329,7 +333,7 @@ class FileTask:
                     pages[d] = blob
             if missing:
                 await self.engine.exchange.fetch(
-                    self.engine.cfg.space, head.file_id, missing, lambda: self.engine.providers(head.author),
+                    self.engine.cfg.space, head.file_id, missing, self._providers_for(head),
                     _PageSink(pages), give_up_after=FETCH_GIVE_UP,
                 )
         entries: list[ChunkRef] = []
@@ -424,7 +428,13 @@ class Engine:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    def providers(self, author: str) -> list[str]:
+    def providers(self, author: str, *, hub_first: bool = False) -> list[str]:
+        """Who to ask for a version's blobs: the author while online, the coordinator, the author again.
+
+        ``hub_first`` for a restored version: the coordinator holds it, the "author" may not.
+        """
+        if hub_first:
+            return [HUB] + ([device_provider(author)] if author != self.cfg.device else [])
         out = []
         p = self.presence.get(author)
         if author != self.cfg.device and p is not None and p.state is PresenceState.ONLINE:

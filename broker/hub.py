@@ -7,14 +7,15 @@ import contextlib
 import logging
 from pathlib import Path
 
-from broker.coordinator import Coordinator
+from broker.coordinator import Coordinator, Retention
 from broker.embedded import run_embedded
 from schemas.mqtt import BrokerUrl
 
 log = logging.getLogger("atrius.hub")
 
 
-async def serve_hub(host: str, port: int, data_dir: Path, stop: asyncio.Event) -> None:
+async def serve_hub(host: str, port: int, data_dir: Path, stop: asyncio.Event,
+                    retention: Retention | None = None) -> None:
     """Run broker + coordinator until ``stop`` is set; raises BrokerStartError if it cannot listen."""
     started = asyncio.Event()
     broker_task = asyncio.create_task(run_embedded(host, port, started), name="embedded-broker")
@@ -25,7 +26,7 @@ async def serve_hub(host: str, port: int, data_dir: Path, stop: asyncio.Event) -
         broker_task.result()  # raises BrokerStartError
         return
     connect_host = "127.0.0.1" if host in {"0.0.0.0", "", "::"} else host
-    coordinator = Coordinator(BrokerUrl(connect_host, port, False), data_dir)
+    coordinator = Coordinator(BrokerUrl(connect_host, port, False), data_dir, retention=retention)
     log.info("hub listening on %s:%d, data in %s", host, port, data_dir)
     try:
         await coordinator.run(stop)

@@ -6,6 +6,7 @@ prefix, written atomically (temp + fsync + rename) and verified on write and on 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ class ChunkStore:
     def __init__(self, root: Path) -> None:
         self.root = root / "chunks"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.corrupt_found = 0
 
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest[2:4] / digest
@@ -62,6 +64,24 @@ class ChunkStore:
             return None
         if blake3.blake3(data).hexdigest() != digest:
             log.error("blob %s is corrupt on disk; moved aside and not served", digest[:12])
-            os.replace(p, p.with_name(p.name + ".corrupt"))
+            self.corrupt_found += 1
+            with contextlib.suppress(OSError):
+                os.replace(p, p.with_name(p.name + ".corrupt"))
             return None
         return data
+
+    def sweep(self, keep: set[str], older_than: float) -> int:
+        """Delete blobs not in ``keep`` last written before ``older_than`` (a blob written since the
+        mark phase began may belong to a version recorded meanwhile)."""
+        removed = 0
+        for p in self.root.glob("*/*/*"):
+            name = p.name
+            if name.startswith(".") or name in keep:
+                continue
+            try:
+                if p.stat().st_mtime < older_than:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

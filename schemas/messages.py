@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
 
 from schemas.names import DeviceName, FileId, HashHex
 
@@ -14,6 +14,9 @@ MAX_JSON_MESSAGE = 64 * 1024
 chunks, some 340 GB) serialises to about 35 KB, an inline manifest adds at most 3.1 KB."""
 
 MAX_HASHES_PER_REQUEST = 64
+MAX_VERSIONS_PAGE = 200
+"""History entries per reply: ~250 bytes each keeps a page far under the JSON message limit."""
+MAX_REPLY_MESSAGE = 128 * 1024
 
 
 class Model(BaseModel):
@@ -55,6 +58,8 @@ class Head(Model):
     chunks: Annotated[int, Field(ge=0)] = 0
     manifest: Annotated[list[HashHex], Field(max_length=512)] = []
     inline_manifest: Annotated[str | None, Field(max_length=8192)] = None
+    restored_from: Annotated[int | None, Field(ge=1)] = None
+    """Set when the coordinator made this head by restoring an earlier version (it holds the chunks)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Head:
@@ -92,6 +97,78 @@ class ChunkRequest(Model):
     requester: DeviceName | None
     file_id: FileId
     hashes: Annotated[list[HashHex], Field(min_length=1, max_length=MAX_HASHES_PER_REQUEST)]
+
+
+class VersionKind(enum.StrEnum):
+    EDIT = "edit"
+    RESTORE = "restore"
+
+
+class VersionEntry(Model):
+    """One version in a file's history, as ``atrius versions --json`` prints it."""
+
+    version: Annotated[int, Field(ge=1)]
+    hash: HashHex
+    size: Annotated[int, Field(ge=0)]
+    author: DeviceName
+    time: float
+    parent: HashHex | None = None
+    deleted: bool = False
+    kind: VersionKind = VersionKind.EDIT
+    restored_from: int | None = None
+    pruned: bool = False
+    """The content was removed by the retention policy: listed, but it cannot be restored."""
+
+
+Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
+"""A requester's private reply token: replies go to ``reply/{token}``."""
+
+
+class VersionsRequest(Model):
+    """``hub/rpc``: list a file's history, newest first, one page at a time."""
+
+    kind: Literal["versions"] = "versions"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    reply_to: Token
+    file_id: FileId
+    offset: Annotated[int, Field(ge=0)] = 0
+    limit: Annotated[int, Field(ge=1, le=MAX_VERSIONS_PAGE)] = MAX_VERSIONS_PAGE
+
+
+class RestoreRequest(Model):
+    """``hub/rpc``: make version ``version`` the new head (a new version with its content)."""
+
+    kind: Literal["restore"] = "restore"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    reply_to: Token
+    file_id: FileId
+    version: Annotated[int, Field(ge=1)]
+    by: DeviceName
+
+
+HubRequest = Annotated[VersionsRequest | RestoreRequest, Field(discriminator="kind")]
+
+
+class VersionsReply(Model):
+    kind: Literal["versions"] = "versions"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    ok: bool
+    error: Annotated[str, Field(max_length=500)] = ""
+    total: Annotated[int, Field(ge=0)] = 0
+    versions: Annotated[list[VersionEntry], Field(max_length=MAX_VERSIONS_PAGE)] = []
+
+
+class RestoreReply(Model):
+    kind: Literal["restore"] = "restore"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    ok: bool
+    error: Annotated[str, Field(max_length=500)] = ""
+    version: int | None = None
+
+
+HubReply = Annotated[VersionsReply | RestoreReply, Field(discriminator="kind")]
+HUB_REQUEST: TypeAdapter[VersionsRequest | RestoreRequest] = TypeAdapter(HubRequest)
+HUB_REPLY: TypeAdapter[VersionsReply | RestoreReply] = TypeAdapter(HubReply)
 
 
 def encode(msg: Model) -> bytes:

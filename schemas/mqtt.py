@@ -92,6 +92,7 @@ class MqttSession:
         self._will = will
         self._subs: dict[str, int] = {}
         self.connected = False
+        self._stopping = False
         self.connect_count = 0
         self._connected_evt = asyncio.Event()
         self._last_error: str | None = None
@@ -164,7 +165,7 @@ class MqttSession:
         was = self.connected
         self.connected = False
         self._connected_evt.clear()
-        if was:
+        if was and not self._stopping:
             log.warning("lost connection to %s (%s); reconnecting", self.url, reason)
             if self._on_disconnected:
                 self._on_disconnected()
@@ -213,6 +214,7 @@ class MqttSession:
 
     async def stop(self, final: list[tuple[str, bytes]] | None = None, timeout: float = 2.0) -> None:
         """Publish ``final`` retained messages (e.g. presence offline), then disconnect cleanly."""
+        self._stopping = True
         infos = [self._client.publish(t, p, qos=1, retain=True) for t, p in (final or [])]
         deadline = self._loop.time() + timeout
         while self.connected and any(not i.is_published() for i in infos) and self._loop.time() < deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -52,6 +53,15 @@ def hub_data_topic(space: str) -> str:
     return f"{ROOT}/{space}/hub/data"
 
 
+def hub_rpc_topic(space: str) -> str:
+    """Requests to the coordinator (versions, restore); JSON, answered on ``reply/{token}``."""
+    return f"{ROOT}/{space}/hub/rpc"
+
+
+def rpc_reply_topic(space: str, token: str) -> str:
+    return f"{ROOT}/{space}/reply/{token}"
+
+
 def reply_topic(space: str, requester: str | None) -> str:
     """Where a provider sends chunk frames for a request; ``None`` names the coordinator."""
     return hub_data_topic(space) if requester is None else device_data_topic(space, requester)
@@ -74,6 +84,12 @@ class TopicKind(enum.Enum):
     DEVICE_DATA = "device_data"
     HUB_REQUEST = "hub_request"
     HUB_DATA = "hub_data"
+    HUB_RPC = "hub_rpc"
+    RPC_REPLY = "rpc_reply"
+
+
+_HUB_KINDS = {"req": TopicKind.HUB_REQUEST, "data": TopicKind.HUB_DATA, "rpc": TopicKind.HUB_RPC}
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ class ParsedTopic:
     space: str
     device: str | None = None
     file_id: str | None = None
+    token: str | None = None
 
 
 class TopicError(ValueError):
@@ -108,8 +125,10 @@ def parse_topic(topic: str) -> ParsedTopic:
         if rest[0] == "dev" and len(rest) == 3 and rest[2] in {"req", "data"}:
             kind = TopicKind.DEVICE_REQUEST if rest[2] == "req" else TopicKind.DEVICE_DATA
             return ParsedTopic(kind, space, device=check_name(rest[1]))
-        if rest[0] == "hub" and len(rest) == 2 and rest[1] in {"req", "data"}:
-            return ParsedTopic(TopicKind.HUB_REQUEST if rest[1] == "req" else TopicKind.HUB_DATA, space)
+        if rest[0] == "hub" and len(rest) == 2 and rest[1] in _HUB_KINDS:
+            return ParsedTopic(_HUB_KINDS[rest[1]], space)
+        if rest[0] == "reply" and len(rest) == 2 and _TOKEN_RE.fullmatch(rest[1]):
+            return ParsedTopic(TopicKind.RPC_REPLY, space, token=rest[1])
     except (ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, TopicError):
             raise

@@ -1,0 +1,244 @@
+"""Version history of every file in every space, in TinyDB, in blocks of 1,000 versions per file.
+
+TinyDB rewrites a whole database file on every write and re-reads a whole table on every
+insert, so one growing file makes each new version cost more than the last.  Here each file's
+history is split into blocks (``DATA/history/<space>/<file key>/<block>.json``, block =
+(version - 1) // 1000), each block a TinyDB behind a write cache that is flushed at most every
+``flush_interval`` seconds and on close.  Recording version 100,000 touches one block of at most
+1,000 records, like version 1,000 did.  Every flush writes the new file beside the old one,
+fsyncs it and renames it over, so a crash loses at most the last interval, never the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinydb import Query, TinyDB
+from tinydb.middlewares import CachingMiddleware
+from tinydb.storages import Storage
+
+from schemas.messages import Head, VersionEntry, VersionKind
+from schemas.topics import file_key
+
+log = logging.getLogger("atrius.history")
+
+BLOCK = 1000
+MAX_OPEN_BLOCKS = 256
+
+
+class AtomicJSONStorage(Storage):
+    """TinyDB storage that never leaves a half-written file: temp + fsync + rename."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def read(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        return json.loads(text) if text else None
+
+    def write(self, data: dict[str, dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, separators=(",", ":"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Record:
+    """A version as the coordinator keeps it: the public entry plus the head (manifest) to restore it."""
+
+    entry: VersionEntry
+    head: Head
+
+    @property
+    def version(self) -> int:
+        return self.entry.version
+
+    @property
+    def hash(self) -> str:
+        return self.entry.hash
+
+    def key(self) -> tuple[int, str]:
+        return (self.entry.version, self.entry.hash)
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Record:
+        return cls(VersionEntry.model_validate(doc["entry"]), Head.model_validate(doc["head"]))
+
+
+def _entry(head: Head, kind: VersionKind, restored_from: int | None) -> VersionEntry:
+    return VersionEntry(version=head.version, hash=head.hash, size=head.size, author=head.author, time=head.time,
+                        parent=head.parent, deleted=head.deleted, kind=kind, restored_from=restored_from)
+
+
+class _Cache(CachingMiddleware):
+    WRITE_CACHE_SIZE = 1 << 30  # flushed by History on a timer, not by count
+
+
+class History:
+    """Single owner: the coordinator's event loop."""
+
+    def __init__(self, data_dir: Path, flush_interval: float = 1.0) -> None:
+        self.root = data_dir / "history"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.flush_interval = flush_interval
+        self._open: OrderedDict[Path, TinyDB] = OrderedDict()
+        self._dirty: set[Path] = set()
+        self._latest: dict[tuple[str, str], Record | None] = {}
+        self._last_flush = time.monotonic()
+
+    # -- blocks ---------------------------------------------------------------------------------
+    def _dir(self, space: str, file_id: str) -> Path:
+        return self.root / space / file_key(file_id)
+
+    def _path(self, space: str, file_id: str, n: int) -> Path:
+        return self._dir(space, file_id) / f"{n:06d}.json"
+
+    def _block(self, space: str, file_id: str, n: int) -> TinyDB:
+        path = self._path(space, file_id, n)
+        db = self._open.get(path)
+        if db is not None:
+            self._open.move_to_end(path)
+            return db
+        db = TinyDB(str(path), storage=_Cache(AtomicJSONStorage))
+        self._open[path] = db
+        while len(self._open) > MAX_OPEN_BLOCKS:
+            old_path, old = self._open.popitem(last=False)
+            old.close()  # CachingMiddleware flushes on close
+            self._dirty.discard(old_path)
+        return db
+
+    def _blocks(self, space: str, file_id: str) -> list[int]:
+        """Block numbers on disk, plus blocks still only in the write cache."""
+        d = self._dir(space, file_id)
+        found = {int(p.stem) for p in d.glob("[0-9]*.json")} if d.is_dir() else set()
+        found |= {int(p.stem) for p in self._open if p.parent == d}
+        return sorted(found)
+
+    # -- writes ---------------------------------------------------------------------------------
+    def record(self, space: str, head: Head) -> bool:
+        """Record a head; returns False if this (version, hash) is already in the history."""
+        n = (head.version - 1) // BLOCK
+        db = self._block(space, head.file_id, n)
+        q = Query()
+        if db.contains((q.version == head.version) & (q.hash == head.hash)):
+            return False
+        kind = VersionKind.RESTORE if head.restored_from is not None else VersionKind.EDIT
+        rec = Record(_entry(head, kind, head.restored_from), head)
+        db.insert({"version": head.version, "hash": head.hash, "recorded_at": time.time(),
+                   "entry": rec.entry.model_dump(mode="json"), "head": head.model_dump(mode="json")})
+        self._dirty.add(self._path(space, head.file_id, n))
+        key = (space, head.file_id)
+        cur = self._latest.get(key)
+        if cur is None or rec.key() > cur.key():
+            self._latest[key] = rec
+        self.maybe_flush()
+        return True
+
+    def mark_pruned(self, space: str, file_id: str, versions: set[tuple[int, str]]) -> None:
+        q = Query()
+        for version, digest in versions:
+            n = (version - 1) // BLOCK
+            db = self._block(space, file_id, n)
+            for doc in db.search((q.version == version) & (q.hash == digest)):
+                entry = {**doc["entry"], "pruned": True}
+                db.update({"entry": entry}, doc_ids=[doc.doc_id])
+            self._dirty.add(self._path(space, file_id, n))
+
+    def maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= self.flush_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        for path in list(self._dirty):
+            db = self._open.get(path)
+            if db is not None:
+                db.storage.flush()
+        self._dirty.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        for db in self._open.values():
+            db.close()
+        self._open.clear()
+
+    # -- reads ----------------------------------------------------------------------------------
+    def records(self, space: str, file_id: str) -> list[Record]:
+        """Every recorded version, newest first."""
+        out: list[Record] = []
+        for n in self._blocks(space, file_id):
+            out.extend(Record.from_doc(d) for d in self._block(space, file_id, n).all())
+        out.sort(key=Record.key, reverse=True)
+        return out
+
+    def page(self, space: str, file_id: str, offset: int, limit: int) -> tuple[int, list[VersionEntry]]:
+        """(total, entries) newest first, reading only the blocks the page needs."""
+        blocks = self._blocks(space, file_id)
+        counts = [len(self._block(space, file_id, n)) for n in blocks]
+        total = sum(counts)
+        out: list[Record] = []
+        skip = offset
+        for n, count in zip(reversed(blocks), reversed(counts), strict=True):
+            if skip >= count:
+                skip -= count
+                continue
+            recs = sorted((Record.from_doc(d) for d in self._block(space, file_id, n).all()), key=Record.key,
+                          reverse=True)
+            out.extend(recs[skip : skip + limit - len(out)])
+            skip = 0
+            if len(out) >= limit:
+                break
+        return total, [r.entry for r in out]
+
+    def get(self, space: str, file_id: str, version: int) -> Record | None:
+        """The winning record of ``version`` (the higher hash wins a tie, as in schemas.rules)."""
+        q = Query()
+        docs = self._block(space, file_id, (version - 1) // BLOCK).search(q.version == version)
+        return max((Record.from_doc(d) for d in docs), key=Record.key, default=None)
+
+    def latest(self, space: str, file_id: str) -> Record | None:
+        key = (space, file_id)
+        if key not in self._latest:
+            best = None
+            for n in reversed(self._blocks(space, file_id)):
+                docs = self._block(space, file_id, n).all()
+                if docs:
+                    best = max((Record.from_doc(d) for d in docs), key=Record.key)
+                    break
+            self._latest[key] = best
+        return self._latest[key]
+
+    def spaces(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def files(self, space: str) -> Iterator[str]:
+        from urllib.parse import unquote
+
+        d = self.root / space
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                if p.is_dir():
+                    yield unquote(p.name)

@@ -48,6 +48,7 @@ class AgentState:
         self.root = root
         self.blob_dir = root / "blobs"
         self.snap_dir = root / "snapshots"
+        self.partial_dir = root / "partial"
         try:
             for d in (root, self.blob_dir, self.snap_dir):
                 d.mkdir(parents=True, exist_ok=True)

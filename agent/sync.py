@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent import __version__
-from agent.apply import Assembly, remove_stale_temps
+from agent.apply import Assembly, ContentMismatch, remove_stale_temps
 from agent.chunker import FileChanged, FileStat, Scan, scan_file, stat_of
 from agent.config import AgentConfig, FileEntry
 from agent.state import AgentState
@@ -286,10 +286,11 @@ class FileTask:
                 return
             path = self.entry.path
             path.parent.mkdir(parents=True, exist_ok=True)
-            asm = Assembly(path, head.size, entries)
+            asm = await asyncio.to_thread(Assembly, self.engine.state.partial_dir, path, fid, head.hash,
+                                          head.size, entries)
             try:
                 needed = await asyncio.to_thread(asm.copy_local, path, self.index)
-                reused = len(asm.where) - len(needed)
+                reused = len(asm.where) - len(needed) - asm.resumed
                 if needed:
                     order = [e.hash for e in entries if e.hash in needed]
                     await self.engine.exchange.fetch(
@@ -298,12 +299,14 @@ class FileTask:
                     )
                 await asyncio.to_thread(asm.finish, head.hash)
                 if self.remote is not None and on_remote_head(self.remote, head, "") is RemoteAction.APPLY:
-                    asm.abort()  # a newer head arrived meanwhile; the loop applies that one
-                    return
+                    return  # a newer head arrived meanwhile; the loop applies that one
                 await self._swap(asm, head, keep_local)
-            except BaseException:
+            finally:
                 asm.abort()
-                raise
+        except ContentMismatch as exc:
+            log.error("%s: v%d from %s: %s; this version is ignored", fid, head.version, head.author, exc)
+            self.bad_heads.add(head.hash)
+            return
         except FetchFailed as exc:
             log.warning("%s: v%d not complete: %s; will retry", fid, head.version, exc)
             self.engine.wake_later(self, RETRY_DELAY)
@@ -311,8 +314,8 @@ class FileTask:
         finally:
             self.activity = "idle"
         ms = (time.perf_counter() - t0) * 1000
-        log.info("%s: applied v%d from %s (%s; %d chunks fetched, %d reused) in %.0f ms",
-                 fid, head.version, head.author, _size(head.size), len(needed), reused, ms)
+        log.info("%s: applied v%d from %s (%s; %d chunks fetched, %d reused, %d resumed) in %.0f ms",
+                 fid, head.version, head.author, _size(head.size), len(needed), reused, asm.resumed, ms)
 
     def _providers_for(self, head: Head) -> Callable[[], list[str]]:
         return lambda: self.engine.providers(head.author, hub_first=head.restored_from is not None)

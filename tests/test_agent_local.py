@@ -8,11 +8,19 @@ import random
 import stat
 import tracemalloc
 from pathlib import Path
+from urllib.parse import quote
 
 import blake3
 import pytest
 
-from agent.apply import ApplyError, Assembly, is_temp_name, remove_stale_temps, temp_path_for
+from agent.apply import (
+    ApplyError,
+    Assembly,
+    ContentMismatch,
+    is_temp_name,
+    remove_stale_temps,
+    temp_path_for,
+)
 from agent.chunker import FileStat, hash_file, scan_file, stat_of
 from agent.state import AgentState, StateError
 from schemas.frames import MAX_CHUNK, MIN_CHUNK
@@ -137,15 +145,46 @@ def parts() -> tuple[bytes, bytes, bytes]:
     return random_bytes(70_000, 10), random_bytes(1000, 11), random_bytes(33_333, 12)
 
 
-def test_assembly_put_copy_local_finish_swap_in(tmp_path: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+@pytest.fixture
+def sync_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "sync"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def partial_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "partial"  # created by Assembly
+
+
+def assembly(partial_dir: Path, target: Path, *chunks: bytes, file_id: str = "art/hero.png") -> Assembly:
+    content = b"".join(chunks)
+    return Assembly(partial_dir, target, file_id, b3(content), len(content), refs_of(*chunks))
+
+
+def part_name(file_id: str, content: bytes) -> str:
+    return f"{quote(file_id, safe='')}.{b3(content)[:24]}.part"
+
+
+def listing(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_assembly_put_copy_local_finish_swap_in(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
     c1, c2, c3 = parts
-    target = tmp_path / "hero.png"
+    target = sync_dir / "hero.png"
     old = c3 + c1  # the local (old) version holds c1 and c3 at other offsets
     target.write_bytes(old)
     new = c1 + c2 + c3 + c1  # c1 appears twice
-    asm = Assembly(target, len(new), refs_of(c1, c2, c3, c1))
-    assert asm.temp.parent == target.parent
-    assert is_temp_name(asm.temp.name)
+    asm = assembly(partial_dir, target, c1, c2, c3, c1)
+    assert asm.resumed == 0
+    assert asm.part.parent == partial_dir
+    assert asm.part.name == part_name("art/hero.png", new)
+    assert asm.journal.parent == partial_dir
+    assert asm.part.exists()
+    assert listing(sync_dir) == ["hero.png"]  # nothing is built beside the target
     index = {b3(c3): (0, len(c3)), b3(c1): (len(c3), len(c1))}
     needed = asm.copy_local(target, index)
     assert needed == {b3(c2)}
@@ -155,86 +194,115 @@ def test_assembly_put_copy_local_finish_swap_in(tmp_path: Path, parts: tuple[byt
     assert target.read_bytes() == old
     asm.swap_in(None)
     assert target.read_bytes() == new
-    assert not asm.temp.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["hero.png"]
+    assert not asm.part.exists()
+    assert not asm.journal.exists()
+    assert listing(sync_dir) == ["hero.png"]
+    assert listing(partial_dir) == []
+    asm.abort()  # harmless after swap_in (callers abort in a finally)
 
 
-def test_assembly_into_a_new_file(tmp_path: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+def test_assembly_into_a_new_file(sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]) -> None:
     c1, c2, _ = parts
-    target = tmp_path / "new.bin"
-    asm = Assembly(target, len(c1 + c2), refs_of(c1, c2))
+    target = sync_dir / "new.bin"
+    asm = assembly(partial_dir, target, c1, c2)
     assert asm.copy_local(target, {}) == {b3(c1), b3(c2)}
+    assert asm.copy_local(target, {b3(c1): (0, len(c1))}) == {b3(c1), b3(c2)}  # no local file
     asm.put(b3(c2), memoryview(c2))
     asm.put(b3(c1), memoryview(c1))
     asm.finish(b3(c1 + c2))
     asm.swap_in(None)
     assert target.read_bytes() == c1 + c2
+    assert listing(sync_dir) == ["new.bin"]
+    assert listing(partial_dir) == []
 
 
-def test_copy_local_skips_chunks_whose_local_bytes_changed(tmp_path: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+def test_copy_local_skips_chunks_whose_local_bytes_changed(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
     c1, c2, _ = parts
-    target = tmp_path / "f"
+    target = sync_dir / "f"
     target.write_bytes(b"X" * len(c1) + c2)  # the index is stale for c1
-    asm = Assembly(target, len(c1 + c2), refs_of(c1, c2))
+    asm = assembly(partial_dir, target, c1, c2)
     needed = asm.copy_local(target, {b3(c1): (0, len(c1)), b3(c2): (len(c1), len(c2))})
     assert needed == {b3(c1)}
+    assert asm.done == {b3(c2)}
     asm.abort()
 
 
-def test_put_rejects_wrong_length_or_unknown_chunk(tmp_path: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+def test_put_rejects_wrong_length_or_unknown_chunk(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
     c1, c2, _ = parts
-    asm = Assembly(tmp_path / "f", len(c1), refs_of(c1))
+    asm = assembly(partial_dir, sync_dir / "f", c1)
     with pytest.raises(ApplyError):
         asm.put(b3(c1), memoryview(c1[:-1]))
     with pytest.raises(ApplyError):
         asm.put(b3(c2), memoryview(c2))
+    assert asm.done == set()
     asm.abort()
-    assert not asm.temp.exists()
+    assert not (sync_dir / "f").exists()
+    assert listing(sync_dir) == []
+    # a rejected chunk is not journalled: a resumed attempt still needs it
+    again = assembly(partial_dir, sync_dir / "f", c1)
+    assert again.resumed == 0
+    assert again.copy_local(sync_dir / "f", {}) == {b3(c1)}
+    again.discard()
+    assert listing(partial_dir) == []
 
 
-def test_finish_with_wrong_hash_discards_and_leaves_target(tmp_path: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+def test_finish_with_wrong_hash_discards_and_leaves_target(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
     c1, c2, _ = parts
-    target = tmp_path / "hero.png"
+    target = sync_dir / "hero.png"
     target.write_bytes(b"old content")
-    asm = Assembly(target, len(c1 + c2), refs_of(c1, c2))
+    asm = assembly(partial_dir, target, c1, c2)
     asm.put(b3(c1), memoryview(c1))
     asm.put(b3(c2), memoryview(c2))
-    with pytest.raises(ApplyError):
+    with pytest.raises(ContentMismatch):
         asm.finish(b3(b"something else"))
-    assert not asm.temp.exists()
+    assert issubclass(ContentMismatch, ApplyError)
+    assert not asm.part.exists()
+    assert not asm.journal.exists()
+    assert listing(partial_dir) == []
     assert target.read_bytes() == b"old content"
-    assert [p.name for p in tmp_path.iterdir()] == ["hero.png"]
+    assert listing(sync_dir) == ["hero.png"]
 
 
-def test_finish_detects_a_missing_chunk(tmp_path: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+def test_finish_detects_a_missing_chunk(sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]) -> None:
     c1, c2, _ = parts
-    target = tmp_path / "f"
-    asm = Assembly(target, len(c1 + c2), refs_of(c1, c2))
-    asm.put(b3(c1), memoryview(c1))  # c2 never arrived: zeros in the temp file
+    target = sync_dir / "f"
+    asm = assembly(partial_dir, target, c1, c2)
+    asm.put(b3(c1), memoryview(c1))  # c2 never arrived: zeros in the part file
     with pytest.raises(ApplyError):
         asm.finish(b3(c1 + c2))
     assert not target.exists()
-    assert not asm.temp.exists()
+    assert not asm.part.exists()
+    assert not asm.journal.exists()
+    assert listing(sync_dir) == []
 
 
-def test_swap_in_keeps_the_old_mode(tmp_path: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+def test_swap_in_keeps_the_old_mode(sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]) -> None:
     c1, _, _ = parts
-    target = tmp_path / "tool.sh"
+    target = sync_dir / "tool.sh"
     target.write_bytes(b"old")
     os.chmod(target, 0o751)
     mode = stat.S_IMODE(os.stat(target).st_mode)
-    asm = Assembly(target, len(c1), refs_of(c1))
+    asm = assembly(partial_dir, target, c1)
     asm.put(b3(c1), memoryview(c1))
     asm.finish(b3(c1))
     asm.swap_in(mode)
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o751
     assert target.read_bytes() == c1
+    assert listing(sync_dir) == ["tool.sh"]
 
 
-def test_swap_in_new_file_gets_umask_mode_not_0600(tmp_path: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+def test_swap_in_new_file_gets_umask_mode_not_0600(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
     c1, _, _ = parts
-    target = tmp_path / "new"
-    asm = Assembly(target, len(c1), refs_of(c1))
+    target = sync_dir / "new"
+    asm = assembly(partial_dir, target, c1)
     asm.put(b3(c1), memoryview(c1))
     asm.finish(b3(c1))
     asm.swap_in(None)
@@ -243,13 +311,229 @@ def test_swap_in_new_file_gets_umask_mode_not_0600(tmp_path: Path, parts: tuple[
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask
 
 
-def test_empty_assembly(tmp_path: Path) -> None:
-    target = tmp_path / "empty"
+def test_empty_assembly(sync_dir: Path, partial_dir: Path) -> None:
+    target = sync_dir / "empty"
     target.write_bytes(b"was not empty")
-    asm = Assembly(target, 0, [])
+    asm = Assembly(partial_dir, target, "empty", b3(b""), 0, [])
+    assert asm.copy_local(target, {}) == set()
     asm.finish(b3(b""))
     asm.swap_in(None)
     assert target.read_bytes() == b""
+    assert listing(sync_dir) == ["empty"]
+    assert listing(partial_dir) == []
+
+
+def test_swap_in_across_file_systems(tmp_path: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a partial dir on another file system than the target")
+    c1, c2, _ = parts
+    target = tmp_path / "hero.png"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    partial = shm / f"atrius-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        asm = assembly(partial, target, c1, c2)
+        asm.put(b3(c1), memoryview(c1))
+        asm.put(b3(c2), memoryview(c2))
+        asm.finish(b3(c1 + c2))
+        asm.swap_in(0o640)
+        assert target.read_bytes() == c1 + c2
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
+        assert listing(tmp_path) == ["hero.png"]  # the temp copy beside the target is gone
+        assert listing(partial) == []
+    finally:
+        for p in partial.glob("*"):
+            p.unlink()
+        partial.rmdir()
+
+
+# -- apply: resuming an Assembly -------------------------------------------------------------------------
+
+
+def test_resume_after_abort(sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]) -> None:
+    c1, c2, c3 = parts
+    new = c1 + c2 + c3
+    target = sync_dir / "hero.png"
+    target.write_bytes(b"old")
+    first = assembly(partial_dir, target, c1, c2, c3)
+    first.put(b3(c1), memoryview(c1))
+    first.put(b3(c2), memoryview(c2))
+    first.abort()  # e.g. the transfer failed or the agent stopped
+    assert first.part.exists()
+    assert first.journal.stat().st_size == 2 * 32
+    assert target.read_bytes() == b"old"
+    assert listing(sync_dir) == ["hero.png"]
+
+    again = assembly(partial_dir, target, c1, c2, c3)
+    assert again.part == first.part
+    assert again.resumed == 2
+    assert again.done == {b3(c1), b3(c2)}
+    assert again.copy_local(target, {}) == {b3(c3)}
+    again.put(b3(c3), memoryview(c3))
+    again.finish(b3(new))
+    again.swap_in(None)
+    assert target.read_bytes() == new
+    assert not again.part.exists()
+    assert not again.journal.exists()
+    assert listing(partial_dir) == []
+    assert listing(sync_dir) == ["hero.png"]
+
+
+def test_resume_after_abort_with_a_duplicated_chunk(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
+    c1, c2, _ = parts
+    new = c1 + c2 + c1
+    target = sync_dir / "f"
+    first = assembly(partial_dir, target, c1, c2, c1)
+    first.put(b3(c1), memoryview(c1))  # written at both offsets
+    first.abort()
+    again = assembly(partial_dir, target, c1, c2, c1)
+    assert again.resumed == 1
+    assert again.copy_local(target, {}) == {b3(c2)}
+    again.put(b3(c2), memoryview(c2))
+    again.finish(b3(new))
+    again.swap_in(None)
+    assert target.read_bytes() == new
+
+
+def test_resume_recounts_a_chunk_copied_locally(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
+    c1, c2, _ = parts
+    target = sync_dir / "f"
+    target.write_bytes(c2)
+    first = assembly(partial_dir, target, c1, c2)
+    assert first.copy_local(target, {b3(c2): (0, len(c2))}) == {b3(c1)}
+    first.abort()
+    again = assembly(partial_dir, target, c1, c2)
+    assert again.resumed == 1
+    assert again.copy_local(target, {b3(c2): (0, len(c2))}) == {b3(c1)}
+    again.discard()
+    assert listing(partial_dir) == []
+
+
+def test_resume_ignores_a_journalled_chunk_whose_bytes_were_corrupted(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
+    c1, c2, c3 = parts
+    new = c1 + c2 + c3
+    target = sync_dir / "f"
+    first = assembly(partial_dir, target, c1, c2, c3)
+    first.put(b3(c1), memoryview(c1))
+    first.put(b3(c2), memoryview(c2))
+    first.abort()
+    with open(first.part, "r+b") as fh:  # flip one byte inside c2's range
+        fh.seek(len(c1) + 10)
+        b = fh.read(1)
+        fh.seek(len(c1) + 10)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    again = assembly(partial_dir, target, c1, c2, c3)
+    assert again.resumed == 1
+    assert again.done == {b3(c1)}
+    assert again.copy_local(target, {}) == {b3(c2), b3(c3)}
+    again.put(b3(c2), memoryview(c2))
+    again.put(b3(c3), memoryview(c3))
+    again.finish(b3(new))
+    again.swap_in(None)
+    assert target.read_bytes() == new
+
+
+def test_resume_after_the_part_file_vanished(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
+    c1, c2, _ = parts
+    target = sync_dir / "f"
+    first = assembly(partial_dir, target, c1, c2)
+    first.put(b3(c1), memoryview(c1))
+    first.abort()
+    first.part.unlink()  # the journal says c1 is there, but the bytes are gone
+    again = assembly(partial_dir, target, c1, c2)
+    assert again.resumed == 0
+    assert again.copy_local(target, {}) == {b3(c1), b3(c2)}
+    again.discard()
+
+
+def test_new_version_removes_the_partial_of_an_older_one(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
+    c1, c2, c3 = parts
+    target = sync_dir / "hero.png"
+    older = assembly(partial_dir, target, c1, c2)
+    older.put(b3(c1), memoryview(c1))
+    older.abort()
+    other_file = assembly(partial_dir, sync_dir / "other.png", c1, file_id="art/other.png")
+    other_file.put(b3(c1), memoryview(c1))
+    other_file.abort()
+    assert older.part.exists() and older.journal.exists()
+
+    newer = assembly(partial_dir, target, c1, c3)
+    assert newer.part != older.part
+    assert not older.part.exists()
+    assert not older.journal.exists()
+    assert newer.resumed == 0  # the old version's progress does not count for the new one
+    assert other_file.part.exists() and other_file.journal.exists()  # another file's partial stays
+    assert listing(partial_dir) == sorted(
+        p.name for p in (newer.part, newer.journal, other_file.part, other_file.journal)
+    )
+    assert newer.copy_local(target, {}) == {b3(c1), b3(c3)}
+    newer.put(b3(c1), memoryview(c1))
+    newer.put(b3(c3), memoryview(c3))
+    newer.finish(b3(c1 + c3))
+    newer.swap_in(None)
+    assert target.read_bytes() == c1 + c3
+    assert listing(partial_dir) == sorted(p.name for p in (other_file.part, other_file.journal))
+
+
+def test_new_version_keeps_the_partial_of_a_file_whose_id_extends_this_one(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
+    c1, c2, _ = parts
+    bak = assembly(partial_dir, sync_dir / "hero.png.bak", c1, file_id="hero.png.bak")
+    bak.put(b3(c1), memoryview(c1))
+    bak.abort()
+    assembly(partial_dir, sync_dir / "hero.png", c2, file_id="hero.png").abort()
+    assert bak.part.exists() and bak.journal.exists()
+
+
+@pytest.mark.parametrize("tail", [8, 31])
+def test_resume_tolerates_a_torn_journal_record(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes], tail: int
+) -> None:
+    c1, c2, c3 = parts
+    new = c1 + c2 + c3
+    target = sync_dir / "f"
+    first = assembly(partial_dir, target, c1, c2, c3)
+    first.put(b3(c1), memoryview(c1))
+    first.abort()
+    with open(first.journal, "ab") as fh:  # a crash in the middle of journalling c2
+        fh.write(bytes.fromhex(b3(c2))[:tail])
+    assert first.journal.stat().st_size == 32 + tail
+    again = assembly(partial_dir, target, c1, c2, c3)
+    assert again.resumed == 1
+    assert again.copy_local(target, {}) == {b3(c2), b3(c3)}
+    again.put(b3(c2), memoryview(c2))
+    again.put(b3(c3), memoryview(c3))
+    again.finish(b3(new))
+    again.swap_in(None)
+    assert target.read_bytes() == new
+    assert listing(partial_dir) == []
+
+
+def test_resume_ignores_journal_entries_for_unknown_chunks(
+    sync_dir: Path, partial_dir: Path, parts: tuple[bytes, bytes, bytes]
+) -> None:
+    c1, c2, _ = parts
+    target = sync_dir / "f"
+    first = assembly(partial_dir, target, c1, c2)
+    first.abort()
+    first.journal.write_bytes(bytes.fromhex(b3(b"not a chunk of this version")) + b"\0" * 32)
+    again = assembly(partial_dir, target, c1, c2)
+    assert again.resumed == 0
+    assert again.copy_local(target, {}) == {b3(c1), b3(c2)}
+    again.discard()
+    assert listing(partial_dir) == []
 
 
 def test_remove_stale_temps_removes_only_our_temp_names(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from agent.chunker import FileChanged, FileStat, Scan, scan_file, stat_of
 from agent.config import AgentConfig, FileEntry
 from agent.state import AgentState
 from agent.watcher import QUICK_MS, Watcher
-from schemas.exchange import HUB, BlobExchange, FetchFailed, device_provider
+from schemas.exchange import HUB, BlobExchange, FetchAborted, FetchFailed, device_provider
 from schemas.manifest import (
     ChunkRef,
     ManifestError,
@@ -98,6 +98,7 @@ class FileTask:
         self.reconcile_due = True
         self.bad_heads: set[str] = set()
         self.activity = "idle"
+        self._applying: Head | None = None
         self.wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
@@ -129,6 +130,10 @@ class FileTask:
         if self.remote is None or (head.version, head.hash) != (self.remote.version, self.remote.hash):
             self.remote = head
             self.wake.set()
+            applying = self._applying
+            if applying is not None and on_remote_head(head, applying, "") is RemoteAction.APPLY:
+                # Stop fetching a version nobody will want; its partial stays in case it comes back.
+                self.engine.exchange.abort(self.engine.cfg.space, self.entry.file_id, f"superseded by v{head.version}")
 
     def on_reconnected(self) -> None:
         self.reconcile_due = True
@@ -277,6 +282,7 @@ class FileTask:
             return
         t0 = time.perf_counter()
         self.activity = "receiving"
+        self._applying = head
         try:
             try:
                 entries = await self._manifest(head)
@@ -307,12 +313,16 @@ class FileTask:
             log.error("%s: v%d from %s: %s; this version is ignored", fid, head.version, head.author, exc)
             self.bad_heads.add(head.hash)
             return
+        except FetchAborted as exc:
+            log.info("%s: v%d from %s abandoned: %s", fid, head.version, head.author, exc)
+            return
         except FetchFailed as exc:
             log.warning("%s: v%d not complete: %s; will retry", fid, head.version, exc)
             self.engine.wake_later(self, RETRY_DELAY)
             return
         finally:
             self.activity = "idle"
+            self._applying = None
         ms = (time.perf_counter() - t0) * 1000
         log.info("%s: applied v%d from %s (%s; %d chunks fetched, %d reused, %d resumed) in %.0f ms",
                  fid, head.version, head.author, _size(head.size), len(needed), reused, asm.resumed, ms)

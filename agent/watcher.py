@@ -2,8 +2,9 @@
 
 The watchdog thread only calls ``loop.call_soon_threadsafe``.  Events are hints, not truth: the
 engine decides by content hash.  A close-after-write or a rename onto the path (editors' atomic
-save) means the write is complete, so it is looked at almost at once; a plain "modified" waits for
-the settle time, restarting on every further write, so a file still being written is not sent.
+save) means the write is complete, so it is looked at almost at once; "created" and "modified"
+wait for the settle time, restarting on every further write, so a file still being written is
+not sent.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from watchdog.events import (
     FileClosedNoWriteEvent,
+    FileCreatedEvent,
     FileModifiedEvent,
     FileOpenedEvent,
     FileSystemEvent,
@@ -36,7 +38,9 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, FileOpenedEvent | FileClosedNoWriteEvent) or event.is_directory:
             return
-        quick = not isinstance(event, FileModifiedEvent)
+        # Created fires at open(O_CREAT), before a byte is written: only close, rename and delete
+        # mean the writer is done.
+        quick = not isinstance(event, FileModifiedEvent | FileCreatedEvent)
         for p in (event.src_path, getattr(event, "dest_path", "")):
             if isinstance(p, bytes):
                 p = os.fsdecode(p)

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from broker.history import History, Record
 from broker.store import ChunkStore, StoreError
-from schemas.exchange import BlobExchange, FetchFailed, device_provider
+from schemas.exchange import BlobExchange, FetchAborted, FetchFailed, device_provider
 from schemas.manifest import ChunkRef, ManifestError, decode_inline, decode_page
 from schemas.messages import (
     HUB_REQUEST,
@@ -65,6 +65,7 @@ log = logging.getLogger("atrius.coordinator")
 RETRY_DELAY = 5.0
 MAX_RETRY_DELAY = 120.0
 REPUBLISH_GRACE = 1.5
+PULL_DELAY = 1.0
 GC_INTERVAL = 600.0
 
 
@@ -183,13 +184,18 @@ class Coordinator:
                 log.info("recorded %s/%s v%d by %s", space, head.file_id, head.version, head.author)
         except OSError as exc:
             log.error("recording %s/%s v%d failed: %s", space, head.file_id, head.version, exc)
-        self._start_pull(space, head)
+        # Receivers go first: the author's upload is not split with us during a live transfer,
+        # and a version replaced within the delay is not fetched at all.
+        self._start_pull(space, head, PULL_DELAY)
 
-    def _start_pull(self, space: str, head: Head) -> None:
+    def _start_pull(self, space: str, head: Head, delay: float = 0.0) -> None:
         key = (space, head.file_id, head.hash)
         if key in self._stored or (key in self._pulls and not self._pulls[key].done()):
             return
-        task = asyncio.get_running_loop().create_task(self._pull(space, head), name=f"pull:{space}/{head.file_id}")
+        if any(s == space and f == head.file_id for (s, f, _h) in self._pulls):
+            self.exchange.abort(space, head.file_id, f"superseded by v{head.version}")
+        task = asyncio.get_running_loop().create_task(self._pull(space, head, delay),
+                                                      name=f"pull:{space}/{head.file_id}")
         self._pulls[key] = task
 
         def forget(_task: asyncio.Task[None]) -> None:
@@ -204,7 +210,14 @@ class Coordinator:
             self._stored.discard((space, file_id, latest.hash))
             self._start_pull(space, latest.head)
 
-    async def _pull(self, space: str, head: Head) -> None:
+    async def _pull(self, space: str, head: Head, start_after: float = 0.0) -> None:
+        await asyncio.sleep(start_after)
+        latest = self.history.latest(space, head.file_id)
+        if latest is not None and head.restored_from is None and (latest.version, latest.hash) > (
+                head.version, head.hash):
+            log.info("%s/%s v%d superseded before it was fetched; content not stored", space, head.file_id,
+                     head.version)
+            return
         delay = RETRY_DELAY
         while True:
             try:
@@ -222,6 +235,9 @@ class Coordinator:
                 log.warning("%s/%s v%d: %s; retrying in %.0fs", space, head.file_id, head.version, exc, delay)
             except ManifestError as exc:
                 log.error("%s/%s v%d: bad manifest (%s); not stored", space, head.file_id, head.version, exc)
+                return
+            except FetchAborted as exc:
+                log.info("%s/%s v%d: %s", space, head.file_id, head.version, exc)
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY)  # the author may be gone for a long time

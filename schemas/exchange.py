@@ -59,6 +59,10 @@ class FetchFailed(RuntimeError):
     """A fetch that could not finish: every provider kept failing until the deadline."""
 
 
+class FetchAborted(RuntimeError):
+    """The caller no longer wants this fetch (a newer version superseded it)."""
+
+
 @dataclass(eq=False)
 class _Fetch:
     space: str
@@ -68,6 +72,8 @@ class _Fetch:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     bytes_in: int = 0
     on_progress: Callable[[int], None] | None = None
+    error: Exception | None = None
+    """Set when the sink failed (e.g. disk full): the fetch raises it."""
 
 
 class BlobExchange:
@@ -121,6 +127,8 @@ class BlobExchange:
             self._by_hash.setdefault(d, set()).add(f)
         try:
             while not plan.done:
+                if f.error is not None:
+                    raise f.error
                 now = self._clock()
                 if give_up_after is not None and now - started > give_up_after:
                     raise FetchFailed(f"{file_id}: {plan.remaining} blobs still missing after {give_up_after:.0f}s")
@@ -141,6 +149,13 @@ class BlobExchange:
                     holders.discard(f)
                     if not holders:
                         del self._by_hash[d]
+
+    def abort(self, space: str, file_id: str, reason: str) -> None:
+        """End every running fetch for this file with FetchAborted (e.g. a newer version arrived)."""
+        for f in self._fetches:
+            if f.space == space and f.file_id == file_id and f.error is None:
+                f.error = FetchAborted(f"{file_id}: {reason}")
+                f.wake.set()
 
     def _request(self, space: str, file_id: str, provider: str, batch: list[str]) -> None:
         for i in range(0, len(batch), MAX_HASHES_PER_REQUEST):
@@ -170,8 +185,13 @@ class BlobExchange:
         if not self._verify(frame):
             return
         for f in list(holders):
-            if f.plan.received(frame.hash):
-                f.sink.put(frame.hash, frame.data)
+            if f.error is None and f.plan.received(frame.hash):
+                try:
+                    f.sink.put(frame.hash, frame.data)
+                except Exception as exc:  # the sink's own failure ends that fetch, not the session
+                    f.error = exc
+                    f.wake.set()
+                    continue
                 f.bytes_in += len(frame.data)
                 if f.on_progress:
                     f.on_progress(len(frame.data))

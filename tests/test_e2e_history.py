@@ -285,3 +285,97 @@ def test_delta_moves_a_few_chunks_not_the_file(tmp_path: Path, devices: list[Dev
         assert moved < 1_500_000, f"{moved} bytes crossed the broker for a 100-byte insertion"
     finally:
         mosq.broker.stop()
+
+
+# -- the store and the database under damage ------------------------------------------------------------
+
+def test_corrupt_chunk_in_store_is_never_served_and_is_repaired(tmp_path: Path, devices: list[Device]) -> None:
+    net = HubNet(tmp_path)
+    net.start()
+    try:
+        a, b = _pair(tmp_path, net.url, devices)
+        c = Device(tmp_path, "carol-mac", net.url, FILES)
+        devices.append(c)
+        v1 = a.write(FID, random_bytes(3_000_000))
+        a.start()
+        b.start()
+        wait_synced(b, FID, v1)
+        wait_until(lambda: stored(net, 1), 20, "v1 stored")
+        assert a.stop() == 0  # the author is gone; bob still holds the content
+        victim = _chunks_of(a.path(FID))[5]
+        blob = tmp_path / "hub-data" / "chunks" / victim[:2] / victim[2:4] / victim
+        blob.write_bytes(b"bit rot" + blob.read_bytes()[7:])
+        c.start()  # carol asks the hub first (alice is offline); the hub must not serve the rotten chunk
+        wait_synced(c, FID, v1, timeout=60)
+        wait_until(lambda: "is corrupt on disk" in net.log_text(), 10, "the hub to report the corrupt blob")
+        wait_until(lambda: blob.exists() and blake3.blake3(blob.read_bytes()).hexdigest() == victim, 30,
+                   "the hub to fetch a good copy from a device that has it")
+    finally:
+        net.stop()
+
+
+def test_history_database_intact_after_coordinator_kill_mid_write(tmp_path: Path) -> None:
+    mosq = MosquittoNet(tmp_path, require_mosquitto())
+    mosq.start()
+    try:
+        mosq.coord.wait_for_log("connected to", 20)
+        time.sleep(0.3)
+        host, port = mosq.url.removeprefix("mqtt://").split(":")
+        pub = paho.Client(CallbackAPIVersion.VERSION2)
+        pub.connect(host, int(port))
+        pub.loop_start()
+        topic = f"atrius/v1/game/files/{FID.replace('/', '%2F')}/head"
+        for v in range(1, 4001):  # a stream of (empty-file) versions keeps the coordinator writing
+            head = {"file_id": FID, "hash": f"{v:064x}", "size": 0, "version": v, "author": "alice-pc",
+                    "time": time.time()}
+            pub.publish(topic, json.dumps(head), qos=1)
+            time.sleep(0.001)
+            if v == 2500:  # well past one flush interval, with writes still going on
+                wait_until(lambda: "recorded game/art/hero.png v1200 " in mosq.log_text(), 30, "recording")
+                mosq.coord.kill()
+        pub.loop_stop()
+        pub.disconnect()
+        files = list((tmp_path / "coord-data" / "history").rglob("*.json"))
+        assert files, "nothing was flushed before the kill"
+        for f in files:
+            json.loads(f.read_text())  # every file on disk is complete JSON
+        mosq.coord.start()  # the database opens and answers
+        mosq.coord.wait_for_log("connected to", 20)
+        a = Device(tmp_path, "alice-pc", mosq.url, FILES)
+        r = cli("versions", FID, "--config", str(a.config), "--json")
+        assert r.returncode == 0, r.stderr
+        versions = [v["version"] for v in json.loads(r.stdout)]
+        assert len(versions) >= 500 and versions == sorted(versions, reverse=True)
+        assert len(set(versions)) == len(versions)
+    finally:
+        mosq.close()
+
+
+def test_full_disk_on_the_hub_keeps_it_serving(tmp_path: Path, devices: list[Device]) -> None:
+    data = tmp_path / "small-disk"
+    data.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(data)]).returncode != 0:
+        pytest.fail("cannot mount a 2 MiB tmpfs to simulate a full disk")
+    try:
+        from brokers import free_port, hub_proc
+
+        hub = hub_proc(free_port(), data / "hub", log_path=tmp_path / "hub.log").start()
+        try:
+            a, b = _pair(tmp_path, hub.url, devices)
+            v1 = a.write(FID, random_bytes(300_000))
+            a.start()
+            b.start()
+            wait_synced(b, FID, v1)
+            wait_until(lambda: f"stored game/{FID} v1 " in hub.log_text(), 20, "v1 stored")
+            v2 = a.write(FID, random_bytes(4_000_000))  # does not fit on the hub's disk
+            wait_synced(b, FID, v2)  # devices keep syncing directly
+            wait_until(lambda: "No space left on device" in hub.log_text(), 20, "a clear disk-full error")
+            assert hub.running
+            r = cli("restore", FID, "--version", "1", "--config", str(a.config))  # v1 is intact
+            assert r.returncode == 0, r.stderr
+            wait_synced(b, FID, v1)
+            assert "Traceback" not in hub.log_text()
+        finally:
+            hub.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(data)])

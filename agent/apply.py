@@ -19,7 +19,7 @@ from pathlib import Path
 import blake3
 
 from schemas.manifest import ChunkRef, placements
-from schemas.topics import file_key
+from schemas.names import disk_name
 
 log = logging.getLogger("atrius.apply")
 
@@ -74,7 +74,7 @@ class Assembly:
         for p in placements(entries):
             self.where.setdefault(p.hash, []).append(p.offset)
             self.lengths[p.hash] = p.length
-        key = file_key(file_id)
+        key = disk_name(file_id)
         stem = f"{key}.{file_hash[:24]}"
         self.part = partial_dir / f"{stem}.part"
         self.journal = partial_dir / f"{stem}.done"

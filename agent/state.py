@@ -13,7 +13,7 @@ import blake3
 from pydantic import ValidationError
 
 from schemas.messages import Head
-from schemas.topics import file_key
+from schemas.names import disk_name
 
 log = logging.getLogger("atrius.state")
 
@@ -108,7 +108,7 @@ class AgentState:
         """Keep the current content of ``source`` (hard link when possible, else copy)."""
         if keep <= 0 or not source.exists():
             return None
-        folder = self.snap_dir / file_key(file_id)
+        folder = self.snap_dir / disk_name(file_id)
         folder.mkdir(parents=True, exist_ok=True)
         now_ns = time.time_ns()
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now_ns // 1_000_000_000)) + f".{now_ns % 1_000_000_000:09d}"

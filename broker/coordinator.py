@@ -114,6 +114,7 @@ class Coordinator:
         self._heads_seen: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._gc_protect: set[str] | None = None
         self.session: MqttSession
         self.exchange: BlobExchange
 
@@ -270,6 +271,9 @@ class Coordinator:
             raise FetchFailed("a manifest page vanished from the store")
         if len(entries) != head.chunks or sum(e.length for e in entries) != head.size:
             raise ManifestError("chunk count or size disagrees with the head")
+        if self._gc_protect is not None:  # a retention sweep is running: these are in use
+            self._gc_protect.update(head.manifest)
+            self._gc_protect.update(e.hash for e in entries)
         need = [d for d in dict.fromkeys(e.hash for e in entries) if not self.store.has(d)]
         if need:
             await self.exchange.fetch(space, head.file_id, need, providers, sink, give_up_after=60)
@@ -358,7 +362,8 @@ class Coordinator:
         if self.retention.keeps_all:
             return 0
         started = time.time()
-        keep: set[str] = set()
+        self._gc_protect = keep = set()
+        unknown = 0
         now = time.time()
         for space in self.history.spaces():
             for file_id in self.history.files(space):
@@ -371,9 +376,20 @@ class Coordinator:
                 for rec in kept:
                     keep.update(rec.head.manifest)
                     entries = self.entries_of(rec.head) if rec.head.manifest else []
-                    keep.update(e.hash for e in entries or [])
+                    if entries is None:
+                        unknown += 1  # a kept version whose chunk list we cannot read
+                        continue
+                    keep.update(e.hash for e in entries)
         self.history.flush()
-        removed = await asyncio.to_thread(self.store.sweep, keep, started - 60)
+        try:
+            if unknown:
+                log.warning("retention: %d kept version(s) have unreadable manifests; no blob deleted this time",
+                            unknown)
+                return 0
+            # ``keep`` is the live set: versions pulled while the sweep runs add their blobs to it.
+            removed = await asyncio.to_thread(self.store.sweep, keep, started - 60)
+        finally:
+            self._gc_protect = None
         log.info("retention: %d unreferenced blob(s) deleted", removed)
         return removed
 

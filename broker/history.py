@@ -26,11 +26,12 @@ from tinydb.middlewares import CachingMiddleware
 from tinydb.storages import Storage
 
 from schemas.messages import Head, VersionEntry, VersionKind
-from schemas.topics import file_key
+from schemas.names import disk_name
 
 log = logging.getLogger("atrius.history")
 
 BLOCK = 1000
+ID_FILE = "file_id"
 MAX_OPEN_BLOCKS = 256
 
 
@@ -111,7 +112,7 @@ class History:
 
     # -- blocks ---------------------------------------------------------------------------------
     def _dir(self, space: str, file_id: str) -> Path:
-        return self.root / space / file_key(file_id)
+        return self.root / space / disk_name(file_id)
 
     def _path(self, space: str, file_id: str, n: int) -> Path:
         return self._dir(space, file_id) / f"{n:06d}.json"
@@ -145,15 +146,15 @@ class History:
         q = Query()
         if db.contains((q.version == head.version) & (q.hash == head.hash)):
             return False
+        cur = self.latest(space, head.file_id)  # loads it from disk before this record lands
         kind = VersionKind.RESTORE if head.restored_from is not None else VersionKind.EDIT
         rec = Record(_entry(head, kind, head.restored_from), head)
+        self._remember_id(space, head.file_id)
         db.insert({"version": head.version, "hash": head.hash, "recorded_at": time.time(),
                    "entry": rec.entry.model_dump(mode="json"), "head": head.model_dump(mode="json")})
         self._dirty.add(self._path(space, head.file_id, n))
-        key = (space, head.file_id)
-        cur = self._latest.get(key)
         if cur is None or rec.key() > cur.key():
-            self._latest[key] = rec
+            self._latest[(space, head.file_id)] = rec
         self.maybe_flush()
         return True
 
@@ -167,16 +168,30 @@ class History:
                 db.update({"entry": entry}, doc_ids=[doc.doc_id])
             self._dirty.add(self._path(space, file_id, n))
 
+    def _remember_id(self, space: str, file_id: str) -> None:
+        """Each file's folder names its file id (folder names may be digests of long ids)."""
+        marker = self._dir(space, file_id) / ID_FILE
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_name(f".{ID_FILE}.tmp")
+            tmp.write_text(file_id)
+            os.replace(tmp, marker)
+
     def maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_interval:
             self.flush()
 
     def flush(self) -> None:
+        """Write every changed block; a block that fails stays dirty and is retried next time."""
         for path in list(self._dirty):
             db = self._open.get(path)
-            if db is not None:
-                db.storage.flush()
-        self._dirty.clear()
+            try:
+                if db is not None:
+                    db.storage.flush()
+            except OSError as exc:
+                log.error("writing history block %s failed: %s", path, exc.strerror or exc)
+                continue
+            self._dirty.discard(path)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -235,10 +250,9 @@ class History:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def files(self, space: str) -> Iterator[str]:
-        from urllib.parse import unquote
-
         d = self.root / space
         if d.is_dir():
             for p in sorted(d.iterdir()):
-                if p.is_dir():
-                    yield unquote(p.name)
+                marker = p / ID_FILE
+                if marker.is_file():
+                    yield marker.read_text()

@@ -38,6 +38,8 @@ class ChunkStore:
             raise StoreError(f"refusing blob {digest[:12]}: content does not match its hash")
         dest = self.path(digest)
         if dest.exists():
+            with contextlib.suppress(OSError):
+                os.utime(dest)  # in use again: a retention sweep running now must not delete it
             return False
         tmp = dest.with_name(f".{digest}.{os.getpid()}.tmp")
         try:

@@ -43,3 +43,19 @@ DeviceName = Annotated[str, StringConstraints(max_length=64), AfterValidator(che
 SpaceName = DeviceName
 FileId = Annotated[str, StringConstraints(max_length=MAX_FILE_ID), AfterValidator(check_file_id)]
 HashHex = Annotated[str, StringConstraints(min_length=64, max_length=64), AfterValidator(check_hash)]
+
+
+MAX_NAME_ON_DISK = 160
+
+
+def disk_name(file_id: str) -> str:
+    """A file or folder name that stands for ``file_id`` on any disk: the percent-encoded id when it
+    fits comfortably in NAME_MAX (255 bytes, with room for suffixes), else a BLAKE3 digest of it."""
+    from urllib.parse import quote
+
+    import blake3
+
+    key = quote(file_id, safe="")
+    if len(key) <= MAX_NAME_ON_DISK:
+        return key
+    return "h-" + blake3.blake3(file_id.encode()).hexdigest()[:40]

@@ -24,6 +24,7 @@ from schemas.messages import (
     VersionsReply,
     VersionsRequest,
     encode,
+    first_error,
 )
 from schemas.mqtt import MqttSession
 from schemas.names import check_file_id
@@ -69,7 +70,7 @@ class _Rpc:
         try:
             reply = HUB_REPLY.validate_json(payload)
         except ValidationError as exc:
-            log.warning("dropped malformed reply: %s", exc.errors()[0]["msg"])
+            log.warning("dropped malformed reply: %s", first_error(exc))
             return
         fut = self.pending.get(reply.req_id)
         if fut is not None and not fut.done():

@@ -20,8 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from agent import __version__
 from agent.apply import Assembly, ContentMismatch, remove_stale_temps
 from agent.chunker import FileChanged, FileStat, Scan, scan_file, stat_of
@@ -38,7 +36,7 @@ from schemas.manifest import (
     encode_pages,
     inline_page,
 )
-from schemas.messages import MAX_JSON_MESSAGE, Head, Presence, PresenceState, encode
+from schemas.messages import Head, MessageError, Presence, PresenceState, decode_head, decode_presence, encode
 from schemas.mqtt import MqttSession, Will
 from schemas.rules import RemoteAction, Startup, at_startup, next_version, on_remote_head, presence_is_current
 from schemas.topics import (
@@ -509,16 +507,10 @@ class Engine:
         task = self.tasks.get(file_id)
         if task is None or not payload:
             return
-        if len(payload) > MAX_JSON_MESSAGE:
-            log.warning("dropped head for %s: %d bytes is over the limit", file_id, len(payload))
-            return
         try:
-            head = Head.model_validate_json(payload)
-        except ValidationError as exc:
-            log.warning("dropped malformed head for %s: %s", file_id, _first_error(exc))
-            return
-        if head.file_id != file_id:
-            log.warning("dropped head: file_id %r does not match its topic (%r)", head.file_id, file_id)
+            head = decode_head(file_id, payload)
+        except MessageError as exc:
+            log.warning("dropped %s", exc)
             return
         task.on_remote(head)
 
@@ -527,12 +519,9 @@ class Engine:
             self.presence.pop(device, None)
             return
         try:
-            p = Presence.model_validate_json(payload)
-        except ValidationError as exc:
-            log.warning("dropped malformed presence for %s: %s", device, _first_error(exc))
-            return
-        if p.device != device:
-            log.warning("dropped presence: device %r does not match its topic (%r)", p.device, device)
+            p = decode_presence(device, payload)
+        except MessageError as exc:
+            log.warning("dropped %s", exc)
             return
         current = self.presence.get(device)
         if presence_is_current(p, current):
@@ -591,8 +580,3 @@ class Engine:
             for task in self.tasks.values():
                 if stat_of(task.entry.path) != task.index_stat:
                     task.hint_local(quick=False)
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"

@@ -36,8 +36,8 @@ from schemas.exchange import BlobExchange, FetchAborted, FetchFailed, device_pro
 from schemas.manifest import ChunkRef, ManifestError, decode_inline, decode_page
 from schemas.messages import (
     HUB_REQUEST,
-    MAX_JSON_MESSAGE,
     Head,
+    MessageError,
     Model,
     Presence,
     PresenceState,
@@ -45,7 +45,10 @@ from schemas.messages import (
     RestoreRequest,
     VersionsReply,
     VersionsRequest,
+    decode_head,
+    decode_presence,
     encode,
+    first_error,
 )
 from schemas.mqtt import BrokerUrl, MqttSession
 from schemas.rules import presence_is_current
@@ -148,16 +151,10 @@ class Coordinator:
         elif kind is TopicKind.PRESENCE and parsed.device is not None:
             self._on_presence(parsed.space, parsed.device, payload)
         elif kind is TopicKind.HEAD and parsed.file_id is not None and payload:
-            if len(payload) > MAX_JSON_MESSAGE:
-                log.warning("dropped oversized head on %s", topic)
-                return
             try:
-                head = Head.model_validate_json(payload)
-            except ValidationError as exc:
-                log.warning("dropped malformed head on %s: %s", topic, exc.errors()[0]["msg"])
-                return
-            if head.file_id != parsed.file_id:
-                log.warning("dropped head whose file_id does not match %s", topic)
+                head = decode_head(parsed.file_id, payload)
+            except MessageError as exc:
+                log.warning("dropped %s in %s", exc, parsed.space)
                 return
             self._on_head(parsed.space, head)
 
@@ -166,11 +163,11 @@ class Coordinator:
             self._presence.pop((space, device), None)
             return
         try:
-            p = Presence.model_validate_json(payload)
-        except ValidationError:
-            log.warning("dropped malformed presence of %s/%s", space, device)
+            p = decode_presence(device, payload)
+        except MessageError as exc:
+            log.warning("dropped %s in %s", exc, space)
             return
-        if p.device == device and presence_is_current(p, self._presence.get((space, device))):
+        if presence_is_current(p, self._presence.get((space, device))):
             self._presence[(space, device)] = p
 
     def _providers(self, space: str, author: str) -> list[str]:
@@ -284,7 +281,7 @@ class Coordinator:
         try:
             req = HUB_REQUEST.validate_json(payload)
         except ValidationError as exc:
-            log.warning("dropped malformed rpc in %s: %s", space, exc.errors()[0]["msg"])
+            log.warning("dropped malformed rpc in %s: %s", space, first_error(exc))
             return
         reply: Model
         reply = self._versions(space, req) if isinstance(req, VersionsRequest) else self._restore(space, req)

@@ -22,7 +22,7 @@ import blake3
 from pydantic import ValidationError
 
 from schemas.frames import Frame, FrameError, FrameStatus, decode_frame, encode_frame
-from schemas.messages import MAX_HASHES_PER_REQUEST, ChunkRequest, encode
+from schemas.messages import MAX_HASHES_PER_REQUEST, ChunkRequest, encode, first_error
 from schemas.mqtt import MqttSession
 from schemas.pull import PullPlan
 from schemas.topics import device_request_topic, hub_request_topic, reply_topic
@@ -210,7 +210,7 @@ class BlobExchange:
             req = ChunkRequest.model_validate_json(payload)
         except ValidationError as exc:
             self.requests_dropped += 1
-            log.warning("dropped malformed chunk request in %s: %s", space, _first_error(exc))
+            log.warning("dropped malformed chunk request in %s: %s", space, first_error(exc))
             return
         try:
             self._serve_q.put_nowait((space, req))
@@ -250,8 +250,3 @@ class BlobExchange:
 
 def plan_keys(digests: list[str]) -> list[str]:
     return list(dict.fromkeys(digests))
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"

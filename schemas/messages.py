@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
 
 from schemas.names import DeviceName, FileId, HashHex
 
@@ -169,6 +169,42 @@ class RestoreReply(Model):
 HubReply = Annotated[VersionsReply | RestoreReply, Field(discriminator="kind")]
 HUB_REQUEST: TypeAdapter[VersionsRequest | RestoreRequest] = TypeAdapter(HubRequest)
 HUB_REPLY: TypeAdapter[VersionsReply | RestoreReply] = TypeAdapter(HubReply)
+
+
+class MessageError(ValueError):
+    """A payload that is oversized, malformed, fails its schema, or disagrees with its topic."""
+
+
+def first_error(exc: ValidationError) -> str:
+    """The first validation problem as ``field.path: message``, for one-line logs."""
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}"
+
+
+def decode_head(file_id: str, payload: bytes) -> Head:
+    """A head from ``files/{key}/head``; its file_id must be the one its topic names."""
+    if len(payload) > MAX_JSON_MESSAGE:
+        raise MessageError(f"head for {file_id} is {len(payload)} bytes, over the limit")
+    try:
+        head = Head.model_validate_json(payload)
+    except ValidationError as exc:
+        raise MessageError(f"malformed head for {file_id}: {first_error(exc)}") from exc
+    if head.file_id != file_id:
+        raise MessageError(f"head file_id {head.file_id!r} does not match its topic ({file_id!r})")
+    return head
+
+
+def decode_presence(device: str, payload: bytes) -> Presence:
+    """A presence message from ``presence/{device}``; its device must be the one its topic names."""
+    if len(payload) > MAX_JSON_MESSAGE:
+        raise MessageError(f"presence for {device} is {len(payload)} bytes, over the limit")
+    try:
+        p = Presence.model_validate_json(payload)
+    except ValidationError as exc:
+        raise MessageError(f"malformed presence for {device}: {first_error(exc)}") from exc
+    if p.device != device:
+        raise MessageError(f"presence device {p.device!r} does not match its topic ({device!r})")
+    return p
 
 
 def encode(msg: Model) -> bytes:

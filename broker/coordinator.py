@@ -241,10 +241,12 @@ class Coordinator:
             delay = min(delay * 2, MAX_RETRY_DELAY)  # the author may be gone for a long time
 
     def entries_of(self, head: Head) -> list[ChunkRef] | None:
-        """The manifest of a stored head, or None when a page is not in the store."""
+        """The manifest of a head from the store (or inline in the head), or None when a page is missing."""
         entries: list[ChunkRef] = []
         for d in head.manifest:
             page = self.store.get(d)
+            if page is None and head.inline_manifest is not None:
+                page = decode_inline(head.inline_manifest, d)
             if page is None:
                 return None
             entries.extend(decode_page(page))
@@ -374,13 +376,16 @@ class Coordinator:
                     keep.update(rec.head.manifest)
                     entries = self.entries_of(rec.head) if rec.head.manifest else []
                     if entries is None:
-                        unknown += 1  # a kept version whose chunk list we cannot read
+                        # Never fetched (replaced within the pull delay): nothing of it to keep.
+                        # A page that rotted on disk, though, hides which chunks are in use.
+                        if any(self.store.is_corrupt(d) for d in rec.head.manifest):
+                            unknown += 1
                         continue
                     keep.update(e.hash for e in entries)
         self.history.flush()
         try:
             if unknown:
-                log.warning("retention: %d kept version(s) have unreadable manifests; no blob deleted this time",
+                log.warning("retention: %d kept version(s) have corrupt manifests; no blob deleted this time",
                             unknown)
                 return 0
             # ``keep`` is the live set: versions pulled while the sweep runs add their blobs to it.

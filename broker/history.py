@@ -35,6 +35,26 @@ ID_FILE = "file_id"
 MAX_OPEN_BLOCKS = 256
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write beside, fsync, rename over, fsync the folder; on failure leave no temp file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep the space the retry needs
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class AtomicJSONStorage(Storage):
     """TinyDB storage that never leaves a half-written file: temp + fsync + rename."""
 
@@ -49,18 +69,7 @@ class AtomicJSONStorage(Storage):
         return json.loads(text) if text else None
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, separators=(",", ":"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.path, json.dumps(data, separators=(",", ":")).encode())
 
     def close(self) -> None:
         pass
@@ -173,9 +182,7 @@ class History:
         marker = self._dir(space, file_id) / ID_FILE
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_name(f".{ID_FILE}.tmp")
-            tmp.write_text(file_id)
-            os.replace(tmp, marker)
+            write_atomic(marker, file_id.encode())
 
     def maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_interval:
@@ -254,5 +261,6 @@ class History:
         if d.is_dir():
             for p in sorted(d.iterdir()):
                 marker = p / ID_FILE
-                if marker.is_file():
-                    yield marker.read_text()
+                file_id = marker.read_text() if marker.is_file() else ""
+                if file_id:
+                    yield file_id

@@ -72,6 +72,11 @@ class ChunkStore:
             return None
         return data
 
+    def is_corrupt(self, digest: str) -> bool:
+        """A copy of this blob was found corrupt and moved aside (and no good copy replaced it)."""
+        p = self.path(digest)
+        return not p.exists() and p.with_name(p.name + ".corrupt").exists()
+
     def sweep(self, keep: set[str], older_than: float) -> int:
         """Delete blobs not in ``keep`` last written before ``older_than`` (a blob written since the
         mark phase began may belong to a version recorded meanwhile)."""

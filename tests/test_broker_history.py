@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from broker.history import BLOCK, AtomicJSONStorage, History
+from broker.history import BLOCK, ID_FILE, AtomicJSONStorage, History
 from schemas.messages import Head, VersionKind
-from schemas.names import MAX_FILE_ID
-from schemas.topics import file_key
+from schemas.names import MAX_FILE_ID, disk_name
 
 SPACE = "game"
 FID = "art/hero.png"
@@ -43,7 +47,7 @@ def fill(h: History, n: int, file_id: str = FID) -> None:
 
 
 def block_dir(root: Path, file_id: str = FID) -> Path:
-    return root / "history" / SPACE / file_key(file_id)
+    return root / "history" / SPACE / disk_name(file_id)
 
 
 # -- record, dedupe, ties ----------------------------------------------------------------------------
@@ -86,29 +90,31 @@ def test_get_missing_version_and_unknown_file(hist: History) -> None:
 # -- blocks and pages --------------------------------------------------------------------------------
 
 
+def check_pages(hist: History) -> None:
+    total, entries = hist.page(SPACE, FID, 0, 3)
+    assert total == 2500
+    assert [e.version for e in entries] == [2500, 2499, 2498]
+    _, entries = hist.page(SPACE, FID, 999, 3)  # inside block 1 (1001-2000)
+    assert [e.version for e in entries] == [1501, 1500, 1499]
+    _, entries = hist.page(SPACE, FID, 498, 3)  # block 2 (2001-2500) into block 1
+    assert [e.version for e in entries] == [2002, 2001, 2000]
+    _, entries = hist.page(SPACE, FID, 1498, 4)  # block 1 into block 0 (1-1000)
+    assert [e.version for e in entries] == [1002, 1001, 1000, 999]
+    total, entries = hist.page(SPACE, FID, 2498, 5)  # only two left
+    assert total == 2500 and [e.version for e in entries] == [2, 1]
+    assert hist.page(SPACE, FID, 2500, 5) == (2500, [])
+    _, entries = hist.page(SPACE, FID, 0, 2500)
+    assert [e.version for e in entries] == list(range(2500, 0, -1))
+
+
 def test_page_offsets_across_block_boundaries(tmp_path: Path) -> None:
     h = History(tmp_path, flush_interval=3600)
     fill(h, 2500)
-    for hist in (h, None):
-        if hist is None:  # the same answers from disk
-            h.close()
-            hist = History(tmp_path)
-        total, entries = hist.page(SPACE, FID, 0, 3)
-        assert total == 2500
-        assert [e.version for e in entries] == [2500, 2499, 2498]
-        _, entries = hist.page(SPACE, FID, 999, 3)  # inside block 1 (1001-2000)
-        assert [e.version for e in entries] == [1501, 1500, 1499]
-        _, entries = hist.page(SPACE, FID, 498, 3)  # block 2 (2001-2500) into block 1
-        assert [e.version for e in entries] == [2002, 2001, 2000]
-        _, entries = hist.page(SPACE, FID, 1498, 4)  # block 1 into block 0 (1-1000)
-        assert [e.version for e in entries] == [1002, 1001, 1000, 999]
-        _, entries = hist.page(SPACE, FID, 2498, 5)  # only two left
-        assert [e.version for e in entries] == [2, 1]
-        _, entries = hist.page(SPACE, FID, 2500, 5)
-        assert entries == []
-        _, entries = hist.page(SPACE, FID, 0, 2500)
-        assert [e.version for e in entries] == list(range(2500, 0, -1))
-        hist.close()
+    check_pages(h)  # from the write cache
+    h.close()
+    reopened = History(tmp_path)
+    check_pages(reopened)  # and from disk
+    reopened.close()
 
 
 def test_block_files_split_at_1000(tmp_path: Path) -> None:
@@ -116,7 +122,8 @@ def test_block_files_split_at_1000(tmp_path: Path) -> None:
     fill(h, 2001)
     h.close()
     d = block_dir(tmp_path)
-    assert sorted(p.name for p in d.iterdir()) == ["000000.json", "000001.json", "000002.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["000000.json", "000001.json", "000002.json", ID_FILE]
+    assert (d / ID_FILE).read_text() == FID
     counts = []
     for name in ("000000.json", "000001.json", "000002.json"):
         table = json.loads((d / name).read_text())["_default"]
@@ -266,7 +273,8 @@ def test_history_leaves_no_temp_files(tmp_path: Path) -> None:
     h = History(tmp_path, flush_interval=0.0)
     fill(h, 1100)
     h.close()
-    leftovers = [p for p in (tmp_path / "history").rglob("*") if p.is_file() and not p.name.endswith(".json")]
+    leftovers = [p for p in (tmp_path / "history").rglob("*")
+                 if p.is_file() and not p.name.endswith(".json") and p.name != ID_FILE]
     assert leftovers == []
     assert all(not p.name.startswith(".") for p in (tmp_path / "history").rglob("*"))
 
@@ -284,6 +292,46 @@ def test_crash_mid_flush_leaves_stray_temp_that_is_ignored(tmp_path: Path) -> No
     h2.close()  # the next flush replaces the stray temp
     assert not (d / ".000000.json.tmp").exists()
     assert [r.version for r in History(tmp_path).records(SPACE, FID)] == [6, 5, 4, 3, 2, 1]
+
+
+WRITER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from broker.history import History
+from schemas.messages import Head
+h = History(Path(sys.argv[1]), flush_interval=0.0)  # every record is flushed at once
+latest = h.latest("game", "art/hero.png")
+v = latest.version if latest else 0
+print("ready", flush=True)
+while True:
+    v += 1
+    h.record("game", Head(file_id="art/hero.png", hash=f"{v:064x}", size=1, version=v, author="alice-pc",
+                          chunks=1, manifest=[f"{v:064x}"], time=float(v)))
+"""
+
+
+def test_kill_9_mid_flush_never_leaves_a_broken_block(tmp_path: Path) -> None:
+    """A real crash: a writer flushing on every record is killed at arbitrary moments, five times over."""
+    repo = Path(__file__).resolve().parent.parent
+    seen = 0
+    for delay in (0.15, 0.4, 0.25, 0.6, 0.33):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(repo)], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            time.sleep(delay)
+        finally:
+            proc.kill()
+            proc.wait()
+        for p in block_dir(tmp_path).glob("*.json"):
+            json.loads(p.read_text())  # every block parses
+        h = History(tmp_path)
+        got = [r.version for r in h.records(SPACE, FID)]
+        assert got == list(range(len(got), 0, -1))  # a gap-free prefix: at most the record being flushed is lost
+        assert len(got) > seen  # each run got further (and kept what the last one wrote)
+        seen = len(got)
+        h.close()
 
 
 # -- listing -----------------------------------------------------------------------------------------
@@ -304,6 +352,18 @@ def test_spaces_and_files_unquote_ids(tmp_path: Path) -> None:
     for fid in ids:
         assert h2.latest(SPACE, fid).head.file_id == fid  # type: ignore[union-attr]
     h2.close()
+
+
+def test_files_lists_a_file_recorded_but_not_yet_flushed(hist: History) -> None:
+    """records() and latest() already see the write cache; the listings must too.
+
+    spaces()/files() walk folders on disk, so a brand-new file is invisible to collect_garbage (which
+    then does not mark its blobs) and to the re-publish after a broker restart until the next flush.
+    """
+    hist.record("new-space", head(1, file_id="new/file.txt"))
+    assert hist.latest("new-space", "new/file.txt") is not None
+    assert hist.spaces() == ["new-space"]
+    assert list(hist.files("new-space")) == ["new/file.txt"]
 
 
 def test_records_longest_valid_file_id(tmp_path: Path) -> None:
@@ -336,11 +396,54 @@ def test_one_unwritable_block_does_not_stop_other_blocks_flushing(tmp_path: Path
     h.record(SPACE, head(1, file_id=bad))
     for fid in others:
         h.record(SPACE, head(1, file_id=fid))
-    block_dir(tmp_path, bad).parent.mkdir(parents=True, exist_ok=True)
-    block_dir(tmp_path, bad).write_text("not a folder")  # its block's folder cannot be created
+    (block_dir(tmp_path, bad) / "000000.json").mkdir(parents=True)  # its block cannot be renamed into place
     for _ in range(3):  # the timer keeps trying
         with contextlib.suppress(OSError):
             h.flush()
     fresh = History(tmp_path)
     assert sorted(fid for fid in fresh.files(SPACE) if fid in others) == others
     assert all(fresh.latest(SPACE, fid) is not None for fid in others)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs; skipped when this process may not mount one."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount(8) on this machine: cannot make a 1 MiB tmpfs to fill")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs (needs root or CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_flush_keeps_the_old_block_and_leaves_no_temp_file(tiny_disk: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A flush that fails for lack of space keeps the previous block intact and cleans up its temp file
+    (a half-written temp left behind would hold on to the space the next flush needs)."""
+    h = History(tiny_disk, flush_interval=3600)
+    fill(h, 50)
+    h.flush()
+    block = block_dir(tiny_disk) / "000000.json"
+    before = block.read_bytes()
+    filler = tiny_disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as fh:  # eat the rest of the disk
+        while True:
+            fh.write(b"\0" * 4096)
+    for v in range(51, 60):
+        h.record(SPACE, head(v))
+    try:
+        h.flush()
+        raised = False
+    except OSError:
+        raised = True
+    assert raised or "No space left on device" in caplog.text  # the failure is reported either way
+    assert block.read_bytes() == before
+    assert sorted(p.name for p in block_dir(tiny_disk).iterdir()) == ["000000.json", ID_FILE]
+    os.unlink(filler)
+    h.close()  # the records still in the cache are written once there is space again
+    assert [r.version for r in History(tiny_disk).records(SPACE, FID)] == list(range(59, 0, -1))

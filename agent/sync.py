@@ -201,7 +201,9 @@ class FileTask:
             else:
                 await self._check_local()
 
-    async def _rescan(self) -> Scan | None:
+    async def _rescan(self, *, wait: bool = True) -> Scan | None:
+        """Scan the local file.  If it changes while being read: with ``wait``, scan again after the
+        settle time; without, return None and let the next watch event (its close) bring us back."""
         path = self.entry.path
         while True:
             if stat_of(path) is None:
@@ -210,6 +212,9 @@ class FileTask:
             try:
                 scan = await asyncio.to_thread(scan_file, path)
             except FileChanged:
+                if not wait:
+                    self.hint_local(quick=False)
+                    return None
                 await asyncio.sleep(self.engine.cfg.settle_ms / 1000)
                 continue
             except FileNotFoundError:
@@ -242,7 +247,7 @@ class FileTask:
                 self._missing_logged = True
             return
         self._missing_logged = False
-        scan = await self._rescan()
+        scan = await self._rescan(wait=False)
         if scan is None or (self.known is not None and scan.hash == self.known.hash):
             return
         if not self.engine.session.connected:

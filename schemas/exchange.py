@@ -85,9 +85,9 @@ class BlobExchange:
         me: str | None,
         source: BlobSource,
         *,
-        window: int = 32,
+        window: int = 64,
         timeout: float = 3.0,
-        max_unacked: int = 48,
+        max_unacked: int = 96,
         serve_queue: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -27,8 +27,8 @@ class PullPlan:
         hashes: Iterable[str],
         providers: list[str],
         *,
-        window: int = 32,
-        batch: int = 8,
+        window: int = 64,
+        batch: int = 16,
         timeout: float = 3.0,
         retry_after: float = 2.0,
     ) -> None:

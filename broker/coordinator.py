@@ -69,7 +69,20 @@ RETRY_DELAY = 5.0
 MAX_RETRY_DELAY = 120.0
 REPUBLISH_GRACE = 1.5
 PULL_DELAY = 1.0
+PULL_YIELD_RATE = 50e6
+MAX_PULL_DELAY = 30.0
 GC_INTERVAL = 600.0
+
+
+def pull_delay(size: int) -> float:
+    """How long the coordinator waits before pulling a new version.
+
+    Receivers go first: the author's upload and the broker are not split with the coordinator
+    while devices are fetching (on the embedded broker both share one core), and a version
+    replaced meanwhile is not fetched at all.  The wait grows with the size, by the time a
+    transfer takes at ``PULL_YIELD_RATE``, up to ``MAX_PULL_DELAY``.
+    """
+    return min(PULL_DELAY + size / PULL_YIELD_RATE, MAX_PULL_DELAY)
 
 
 @dataclass(frozen=True)
@@ -182,9 +195,7 @@ class Coordinator:
                 log.info("recorded %s/%s v%d by %s", space, head.file_id, head.version, head.author)
         except OSError as exc:
             log.error("recording %s/%s v%d failed: %s", space, head.file_id, head.version, exc)
-        # Receivers go first: the author's upload is not split with us during a live transfer,
-        # and a version replaced within the delay is not fetched at all.
-        self._start_pull(space, head, PULL_DELAY)
+        self._start_pull(space, head, pull_delay(head.size))
 
     def _start_pull(self, space: str, head: Head, delay: float = 0.0) -> None:
         key = (space, head.file_id, head.hash)

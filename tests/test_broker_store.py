@@ -444,3 +444,11 @@ def test_collect_garbage_still_sweeps_when_a_kept_version_was_never_fetched(tmp_
     assert removed == len(blobs_of(v1, v1_chunks))
     assert not any(coord.store.has(d) for d in blobs_of(v1, v1_chunks))
     coord.history.close()
+
+
+def test_pull_delay_grows_with_size_and_is_capped() -> None:
+    from broker.coordinator import MAX_PULL_DELAY, PULL_DELAY, pull_delay
+
+    assert pull_delay(0) == PULL_DELAY
+    assert PULL_DELAY < pull_delay(10 << 20) < pull_delay(256 << 20) < MAX_PULL_DELAY
+    assert pull_delay(1 << 40) == MAX_PULL_DELAY

@@ -146,6 +146,8 @@ class BrokerResults:
     e2e: Transfer | None = None
     small: Latency = field(default_factory=Latency)
     small_ratio_to_raw_rtt: float | None = None
+    peak_rss_mb: dict[str, float | None] = field(default_factory=dict)
+    """Agents' peak RSS before and after the big transfer: memory must not grow with file size."""
     log_findings: list[LogFinding] = field(default_factory=list)
     error: str | None = None
 
@@ -197,6 +199,18 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
+
+    def peak_rss_mb(self, name: str) -> float | None:
+        """Peak resident memory (VmHWM) of a running subprocess, in MB; None where /proc has none."""
+        for n, proc in self._procs:
+            if n == name and proc.poll() is None:
+                try:
+                    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            return int(line.split()[1]) * 1024 / 1e6
+                except OSError:
+                    return None
+        return None
 
     def check_running(self) -> None:
         """Raise if a subprocess we did not stop has exited (crashed, or killed by someone else)."""
@@ -606,7 +620,11 @@ def run_broker(v: Variant, work: Path, s: Settings, log_out: Path) -> BrokerResu
         if v.coordinator and not v.hub:
             start_coordinator(procs, work, port)
         pair = start_agents(procs, work, port, f"bench-{v.name}")
+        for agent in ("agent-a", "agent-b"):
+            res.peak_rss_mb[f"{agent} before"] = procs.peak_rss_mb(agent)
         res.e2e = e2e_transfer(pair, procs, s, res.raw[0].mb_s if res.raw else None)
+        for agent in ("agent-a", "agent-b"):
+            res.peak_rss_mb[f"{agent} after"] = procs.peak_rss_mb(agent)
         print(f"   end-to-end {s.total // MIB} MiB: {_fmt(res.e2e.seconds, 2)} s, {_fmt(res.e2e.mb_s, 1)} MB/s"
               + (f"  FAILED: {res.e2e.error}" if res.e2e.error else ""), flush=True)
         procs.check_running()
@@ -669,6 +687,10 @@ def table(results: list[BrokerResults], s: Settings) -> str:
                                                     else r.small.median_ms < SMALL_AIM_MS) for r in results]))
     rows.append((f"small p99 (n={n}: p99 = max) [ms]", [_fmt(r.small.p99_ms, 1) for r in results]))
     rows.append(("small median / raw round trip median", [_fmt(r.small_ratio_to_raw_rtt, 1) for r in results]))
+    for agent, role in (("agent-a", "sender A"), ("agent-b", "receiver B")):
+        rows.append((f"peak RSS of {role} before / after the big transfer [MB]",
+                     [" / ".join(_fmt(r.peak_rss_mb.get(f"{agent} {when}"), 0) for when in ("before", "after"))
+                      for r in results]))
     width = max(len(name) for name, _ in rows) + 2
     cols = [max(len(r.label), *(len(v[i]) for _, v in rows)) + 2 for i, r in enumerate(results)]
     lines = ["".ljust(width) + "".join(r.label.rjust(c) for r, c in zip(results, cols, strict=True))]

@@ -14,9 +14,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -118,15 +119,35 @@ def find_mosquitto() -> str | None:
     return None
 
 
+def missing_in_ci(reason: str) -> NoReturn:
+    """Something a test needs is not here: fail when $CI is set (CI must run it), skip otherwise."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; required in CI", pytrace=False)
+    pytest.skip(reason)
+
+
 def require_mosquitto() -> str:
     """The mosquitto binary; a missing one fails the test when $CI is set and skips it otherwise."""
     binary = find_mosquitto()
     if binary is None:
-        reason = "mosquitto not installed (apt-get install mosquitto)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; required in CI", pytrace=False)
-        pytest.skip(reason)
+        missing_in_ci("mosquitto not installed (apt-get install mosquitto)")
     return binary
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "1m") mounted at ``path``, to fill up; unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        missing_in_ci("no mount(8) on this machine: cannot make a small tmpfs to fill")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        missing_in_ci(f"cannot mount a {size} tmpfs (needs root or CAP_SYS_ADMIN): {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 class MosquittoProc:

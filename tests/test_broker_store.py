@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from brokers import small_disk
 
 from broker.coordinator import Coordinator, Retention
 from broker.history import Record
@@ -129,18 +128,9 @@ def test_truncated_blob_is_corrupt(store: ChunkStore) -> None:
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs; skipped when this process may not mount one."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount(8) on this machine: cannot make a 1 MiB tmpfs to fill")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs (needs root or CAP_SYS_ADMIN): {res.stderr.strip()}")
-    try:
+    """A 1 MiB tmpfs (fails in CI, skips elsewhere, when this process may not mount one)."""
+    with small_disk(tmp_path / "tiny", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_full_disk_raises_store_error_and_keeps_earlier_blobs(tiny_disk: Path) -> None:

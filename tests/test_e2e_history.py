@@ -14,7 +14,7 @@ from pathlib import Path
 import blake3
 import paho.mqtt.client as paho
 import pytest
-from brokers import REPO_ROOT, atrius_env, require_mosquitto
+from brokers import REPO_ROOT, atrius_env, free_port, hub_proc, require_mosquitto, small_disk
 from e2e import Device, HubNet, MosquittoNet, content_hash, random_bytes, wait_synced, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -352,13 +352,7 @@ def test_history_database_intact_after_coordinator_kill_mid_write(tmp_path: Path
 
 
 def test_full_disk_on_the_hub_keeps_it_serving(tmp_path: Path, devices: list[Device]) -> None:
-    data = tmp_path / "small-disk"
-    data.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(data)]).returncode != 0:
-        pytest.fail("cannot mount a 2 MiB tmpfs to simulate a full disk")
-    try:
-        from brokers import free_port, hub_proc
-
+    with small_disk(tmp_path / "small-disk", "2m") as data:
         hub = hub_proc(free_port(), data / "hub", log_path=tmp_path / "hub.log").start()
         try:
             a, b = _pair(tmp_path, hub.url, devices)
@@ -377,5 +371,3 @@ def test_full_disk_on_the_hub_keeps_it_serving(tmp_path: Path, devices: list[Dev
             assert "Traceback" not in hub.log_text()
         finally:
             hub.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(data)])

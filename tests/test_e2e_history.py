@@ -109,6 +109,23 @@ def test_versions_and_restore_reaching_a_device_that_was_offline(
     assert listed[0]["version"] == 4 and listed[0]["restored_from"] == 1 and listed[0]["hash"] == hashes[0]
 
 
+def test_one_coordinator_serves_every_space(tmp_path: Path, net: HubNet | MosquittoNet,
+                                            devices: list[Device]) -> None:
+    game = Device(tmp_path, "alice-pc", net.url, FILES)
+    other = Device(tmp_path / "other", "alice-pc", net.url, FILES, space="other-game")
+    devices += [game, other]
+    game.write(FID, b"in game")
+    other.write(FID, b"in other-game")
+    game.start()
+    other.start()
+    for dev, space in ((game, "game"), (other, "other-game")):
+        wait_until(lambda space=space: f"stored {space}/{FID} v1 " in net.log_text(), 20, f"v1 stored in {space}")
+        r = cli("versions", FID, "--config", str(dev.config), "--json")
+        assert r.returncode == 0, r.stderr
+        [entry] = json.loads(r.stdout)
+        assert entry["hash"] == content_hash(dev.path(FID))
+
+
 def test_cli_errors_for_history(tmp_path: Path, net: HubNet | MosquittoNet, devices: list[Device]) -> None:
     a, _ = _pair(tmp_path, net.url, devices)
     a.write(FID, b"one")

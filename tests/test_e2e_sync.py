@@ -104,12 +104,18 @@ def test_first_sync_then_edits_both_ways(tmp_path: Path, net: HubNet | Mosquitto
     v3 = blake3.blake3(bytes(data)).hexdigest()
     wait_synced(b, FID, v3)
     assert "reused" in b.log()
+    # the content v3 replaced on bob (his own v2) was kept in his snapshots
+    snaps = list((b.dir / ".atrius" / b.name / "snapshots").rglob("*.png"))
+    assert v2 in {blake3.blake3(p.read_bytes()).hexdigest() for p in snaps if p.is_file()}
 
     # editor-style save: write a temp file, rename over the path
     tmp = b.path(FID).with_name("hero.png.swp-save")
     tmp.write_bytes(b"saved by rename")
     os.replace(tmp, b.path(FID))
     wait_synced(a, FID, blake3.blake3(b"saved by rename").hexdigest())
+    time.sleep(0.5)
+    # each device published only its own edits, never the versions it applied
+    assert a.log().count(": published v") == 2 and b.log().count(": published v") == 2
     assert not a.temp_files() and not b.temp_files()
     assert "Traceback" not in a.log() + b.log()
 

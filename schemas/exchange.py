@@ -23,7 +23,6 @@ from pydantic import ValidationError
 
 from schemas.frames import Frame, FrameError, FrameStatus, decode_frame, encode_frame
 from schemas.messages import MAX_HASHES_PER_REQUEST, ChunkRequest, encode, first_error
-from schemas.mqtt import MqttSession
 from schemas.pull import PullPlan
 from schemas.topics import device_request_topic, hub_request_topic, reply_topic
 
@@ -43,6 +42,17 @@ def provider_topic(space: str, provider: str) -> str:
     if provider.startswith("dev:"):
         return device_request_topic(space, provider[4:])
     raise ValueError(f"unknown provider {provider!r}")
+
+
+class Transport(Protocol):
+    """What the exchange needs of an MQTT session (:class:`schemas.mqtt.MqttSession` in production)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> object: ...
+
+    def out_queue(self) -> int: ...
 
 
 class BlobSink(Protocol):
@@ -81,7 +91,7 @@ class BlobExchange:
 
     def __init__(
         self,
-        session: MqttSession,
+        session: Transport,
         me: str | None,
         source: BlobSource,
         *,
@@ -227,19 +237,21 @@ class BlobExchange:
         while True:
             space, req = await self._serve_q.get()
             try:
-                blobs = await asyncio.to_thread(self.source.read_blobs, space, req.file_id, list(req.hashes))
-            except Exception:
-                log.exception("reading blobs for %s failed", req.file_id)
-                continue
-            topic = reply_topic(space, req.requester)
-            for digest, data in blobs:
-                while self.session.connected and self.session.out_queue() >= self.max_unacked:
-                    await asyncio.sleep(0.001)
-                if data is None:
-                    self.session.publish(topic, encode_frame(FrameStatus.MISSING, digest))
-                else:
-                    self.session.publish(topic, encode_frame(FrameStatus.OK, digest, data))
-                    self.bytes_served += len(data)
+                await self._serve(space, req)
+            except Exception:  # one failed request must not stop serving the others
+                log.exception("serving request %s for %s failed", req.req_id, req.file_id)
+
+    async def _serve(self, space: str, req: ChunkRequest) -> None:
+        blobs = await asyncio.to_thread(self.source.read_blobs, space, req.file_id, list(req.hashes))
+        topic = reply_topic(space, req.requester)
+        for digest, data in blobs:
+            while self.session.connected and self.session.out_queue() >= self.max_unacked:
+                await asyncio.sleep(0.001)
+            if data is None:
+                self.session.publish(topic, encode_frame(FrameStatus.MISSING, digest))
+            else:
+                self.session.publish(topic, encode_frame(FrameStatus.OK, digest, data))
+                self.bytes_served += len(data)
 
     async def close(self) -> None:
         if self._server_task is not None:

@@ -23,13 +23,25 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 log = logging.getLogger("atrius")
 
 
-def _setup_logging(verbose: bool, log_file: str | None) -> None:
+ONE_SHOT = {"versions", "restore"}
+"""Commands that answer and exit: their stderr is one readable line per problem, not a log."""
+
+
+def _setup_logging(verbose: bool, log_file: str | None, one_shot: bool = False) -> None:
     fmt = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s"
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    if one_shot and not verbose:
+        console.setFormatter(logging.Formatter("atrius: %(message)s"))
+        console.setLevel(logging.WARNING)
+        logging.getLogger("atrius.mqtt").setLevel(logging.ERROR)  # the command reports the outcome itself
+    else:
+        console.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    handlers: list[logging.Handler] = [console]
     if log_file:
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S",
-                        handlers=handlers, force=True)
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+        handlers.append(file_handler)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True)
     if not verbose:
         for noisy in ("amqtt", "transitions", "watchdog"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -204,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, args.log_file)
+    _setup_logging(args.verbose, args.log_file, one_shot=args.command in ONE_SHOT)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -151,6 +151,8 @@ class BlobExchange:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(f.wake.wait(), delay)
+            if f.error is not None:  # the last blob's put may have failed after the plan finished
+                raise f.error
         finally:
             self._fetches.discard(f)
             for d in plan_keys(digests):
@@ -198,13 +200,11 @@ class BlobExchange:
             if f.error is None and f.plan.received(frame.hash):
                 try:
                     f.sink.put(frame.hash, frame.data)
+                    f.bytes_in += len(frame.data)
+                    if f.on_progress:
+                        f.on_progress(len(frame.data))
                 except Exception as exc:  # the sink's own failure ends that fetch, not the session
                     f.error = exc
-                    f.wake.set()
-                    continue
-                f.bytes_in += len(frame.data)
-                if f.on_progress:
-                    f.on_progress(len(frame.data))
                 f.wake.set()
 
     def _verify(self, frame: Frame) -> bool:
@@ -247,6 +247,8 @@ class BlobExchange:
         for digest, data in blobs:
             while self.session.connected and self.session.out_queue() >= self.max_unacked:
                 await asyncio.sleep(0.001)
+            if not self.session.connected:
+                return  # the requester re-asks after reconnecting; don't queue stale frames in paho
             if data is None:
                 self.session.publish(topic, encode_frame(FrameStatus.MISSING, digest))
             else:

@@ -479,13 +479,7 @@ def main(argv: list[str] | None = None) -> int:
           f"that until {QUIET} s of quiet. 'fixed-block est.' = arithmetic for {BLOCK // KIB} KiB blocks without "
           "a rolling hash. Manifest = chunks x 36 B.")
     failures = [f for st in setups for f in st.failures()]
-    for st in setups:
-        for finding in st.log_findings:
-            print(f"\n{st.name}/{finding.log}.log: {len(finding.lines)} warning/error line(s):")
-            for ln in finding.lines[:10]:
-                print(f"    {ln}")
-    if failures:
-        print("\nFAILURES:\n  " + "\n  ".join(failures))
+    run.print_problems([(st.name, st.log_findings) for st in setups], failures)
     doc = {
         "environment": env,
         "mode": "quick" if s.quick else "full",

@@ -646,6 +646,16 @@ def run_broker(v: Variant, work: Path, s: Settings, log_out: Path) -> BrokerResu
 
 
 # -- report --------------------------------------------------------------------------------------------
+def print_problems(findings: list[tuple[str, list[LogFinding]]], failures: list[str]) -> None:
+    """Warning/error lines found in each set-up's process logs, then the failures, if any."""
+    for name, found in findings:
+        for finding in found:
+            print(f"\n{name}/{finding.log}.log: {len(finding.lines)} warning/error line(s):")
+            for ln in finding.lines[:10]:
+                print(f"    {ln}")
+    if failures:
+        print("\nFAILURES:\n  " + "\n  ".join(failures))
+
 def _fmt(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -798,13 +808,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{rawmqtt.ahead_limit(s.payloads[-1])} messages ahead of the subscriber's count (out of band).\n"
           "MB = 10^6 bytes.")
     failures = [f for r in results for f in r.failures()]
-    for r in results:
-        for finding in r.log_findings:
-            print(f"\n{r.broker}/{finding.log}.log: {len(finding.lines)} warning/error line(s):")
-            for ln in finding.lines[:10]:
-                print(f"    {ln}")
-    if failures:
-        print("\nFAILURES:\n  " + "\n  ".join(failures))
+    print_problems([(r.broker, r.log_findings) for r in results], failures)
     doc = {
         "environment": env,
         "mode": "quick" if s.quick else "full",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
 
@@ -21,6 +21,9 @@ MAX_REPLY_MESSAGE = 128 * 1024
 
 class Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+M = TypeVar("M", bound=Model)
 
 
 class PresenceState(enum.StrEnum):
@@ -181,14 +184,18 @@ def first_error(exc: ValidationError) -> str:
     return f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}"
 
 
+def _decode(model: type[M], what: str, name: str, payload: bytes) -> M:
+    if len(payload) > MAX_JSON_MESSAGE:
+        raise MessageError(f"{what} for {name} is {len(payload)} bytes, over the limit")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        raise MessageError(f"malformed {what} for {name}: {first_error(exc)}") from exc
+
+
 def decode_head(file_id: str, payload: bytes) -> Head:
     """A head from ``files/{key}/head``; its file_id must be the one its topic names."""
-    if len(payload) > MAX_JSON_MESSAGE:
-        raise MessageError(f"head for {file_id} is {len(payload)} bytes, over the limit")
-    try:
-        head = Head.model_validate_json(payload)
-    except ValidationError as exc:
-        raise MessageError(f"malformed head for {file_id}: {first_error(exc)}") from exc
+    head = _decode(Head, "head", file_id, payload)
     if head.file_id != file_id:
         raise MessageError(f"head file_id {head.file_id!r} does not match its topic ({file_id!r})")
     return head
@@ -196,12 +203,7 @@ def decode_head(file_id: str, payload: bytes) -> Head:
 
 def decode_presence(device: str, payload: bytes) -> Presence:
     """A presence message from ``presence/{device}``; its device must be the one its topic names."""
-    if len(payload) > MAX_JSON_MESSAGE:
-        raise MessageError(f"presence for {device} is {len(payload)} bytes, over the limit")
-    try:
-        p = Presence.model_validate_json(payload)
-    except ValidationError as exc:
-        raise MessageError(f"malformed presence for {device}: {first_error(exc)}") from exc
+    p = _decode(Presence, "presence", device, payload)
     if p.device != device:
         raise MessageError(f"presence device {p.device!r} does not match its topic ({device!r})")
     return p

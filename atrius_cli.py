@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from broker.coordinator import Retention
+    from broker.coordinator import RetentionPolicy
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """A command-line value that cannot be used (exit code 2)."""
 
 log = logging.getLogger("atrius")
 
@@ -115,10 +119,13 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return main_command(args.config, lambda cfg: cmd_restore(cfg, args.file_id, args.version))
 
 
-def _retention(args: argparse.Namespace) -> Retention:
-    from broker.coordinator import Retention
+def _retention(args: argparse.Namespace) -> RetentionPolicy:
+    from broker.coordinator import RetentionPolicy
 
-    return Retention(keep_versions=args.keep_versions, keep_days=args.keep_days)
+    try:
+        return RetentionPolicy.parse(args.keep_versions or [], args.keep_days or [])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -131,13 +138,6 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
 
 
@@ -159,10 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int, default=1883, help="port to listen on (default 1883)")
 
     def retention_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--keep-versions", type=_positive_int, metavar="N",
-                        help="keep the content of the newest N versions per file (default: all)")
-        sp.add_argument("--keep-days", type=_positive_float, metavar="D",
-                        help="keep the content of versions younger than D days (default: all)")
+        sp.add_argument("--keep-versions", action="append", metavar="[SPACE=]N",
+                        help="keep the content of the newest N versions per file (default: all); "
+                             "SPACE=N sets it for one space; repeatable")
+        sp.add_argument("--keep-days", action="append", metavar="[SPACE=]D",
+                        help="keep the content of versions younger than D days (default: all); "
+                             "SPACE=D sets it for one space; repeatable")
 
     sp = sub.add_parser("hub", help="embedded MQTT broker + coordinator in one process",
                         epilog="example: atrius hub --port 1883 --data .atrius-hub --keep-versions 50")
@@ -221,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return EXIT_OK
+    except UsageError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     except Exception as exc:
         if args.verbose:
             raise

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from schemas.messages import (
     first_error,
 )
 from schemas.mqtt import BrokerUrl, MqttSession
+from schemas.names import check_name
 from schemas.rules import presence_is_current
 from schemas.topics import (
     ROOT,
@@ -105,6 +106,54 @@ class Retention:
         return kept
 
 
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """The default retention plus per-space overrides (a field an override leaves unset is inherited)."""
+
+    default: Retention = Retention()
+    spaces: tuple[tuple[str, Retention], ...] = ()
+
+    def for_space(self, space: str) -> Retention:
+        r = dict(self.spaces).get(space)
+        if r is None:
+            return self.default
+        return Retention(
+            keep_versions=r.keep_versions if r.keep_versions is not None else self.default.keep_versions,
+            keep_days=r.keep_days if r.keep_days is not None else self.default.keep_days,
+        )
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.default.keeps_all and all(r.keeps_all for _, r in self.spaces)
+
+    @classmethod
+    def parse(cls, keep_versions: list[str], keep_days: list[str]) -> RetentionPolicy:
+        """From CLI values ``N`` (every space) or ``SPACE=N`` (that space); raises ValueError."""
+        versions = {space: int(n) for space, n in _space_values("--keep-versions", keep_versions, int)}
+        days = {space: float(n) for space, n in _space_values("--keep-days", keep_days, float)}
+        default = Retention(keep_versions=versions.pop("", None), keep_days=days.pop("", None))
+        spaces = sorted(set(versions) | set(days))
+        return cls(default, tuple((s, Retention(versions.get(s), days.get(s))) for s in spaces))
+
+
+def _space_values(flag: str, values: list[str], conv: Callable[[str], float]) -> Iterator[tuple[str, float]]:
+    """``N`` -> ("", N); ``SPACE=N`` -> (SPACE, N); a value must be a positive number."""
+    for text in values:
+        space, _sep, number = text.rpartition("=")
+        try:
+            value = conv(number)
+        except ValueError as exc:
+            raise ValueError(f"{flag} {text!r}: not a number") from exc
+        if value <= 0:
+            raise ValueError(f"{flag} {text!r}: must be positive")
+        if space:
+            try:
+                check_name(space)
+            except ValueError as exc:
+                raise ValueError(f"{flag} {text!r}: {exc}") from exc
+        yield space, value
+
+
 class _StoreSink:
     def __init__(self, store: ChunkStore) -> None:
         self.store = store
@@ -116,13 +165,14 @@ class _StoreSink:
 class Coordinator:
     def __init__(
         self, url: BrokerUrl, data_dir: Path, *, username: str | None = None, password: str | None = None,
-        ca_file: str | None = None, retention: Retention | None = None,
+        ca_file: str | None = None, retention: RetentionPolicy | Retention | None = None,
     ) -> None:
         self.url = url
         self.data_dir = data_dir
         self.store = ChunkStore(data_dir)
         self.history = History(data_dir)
-        self.retention = retention or Retention()
+        self.retention = retention if isinstance(retention, RetentionPolicy) else RetentionPolicy(
+            retention or Retention())
         self._creds = (username, password, ca_file)
         self._pulls: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._stored: set[tuple[str, str, str]] = set()
@@ -378,7 +428,7 @@ class Coordinator:
         for space in self.history.spaces():
             for file_id in self.history.files(space):
                 records = self.history.records(space, file_id)
-                kept = self.retention.keep(records, now)
+                kept = self.retention.for_space(space).keep(records, now)
                 kept_keys = {r.key() for r in kept}
                 pruned = {r.key() for r in records if r.key() not in kept_keys and not r.entry.pruned}
                 if pruned:

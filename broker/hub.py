@@ -7,7 +7,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from broker.coordinator import Coordinator, Retention
+from broker.coordinator import Coordinator, RetentionPolicy
 from broker.embedded import run_embedded
 from schemas.mqtt import BrokerUrl
 
@@ -15,7 +15,7 @@ log = logging.getLogger("atrius.hub")
 
 
 async def serve_hub(host: str, port: int, data_dir: Path, stop: asyncio.Event,
-                    retention: Retention | None = None) -> None:
+                    retention: RetentionPolicy | None = None) -> None:
     """Run broker + coordinator until ``stop`` is set; raises BrokerStartError if it cannot listen."""
     started = asyncio.Event()
     broker_task = asyncio.create_task(run_embedded(host, port, started), name="embedded-broker")

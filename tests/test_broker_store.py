@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from brokers import small_disk
 
-from broker.coordinator import Coordinator, Retention
+from broker.coordinator import Coordinator, Retention, RetentionPolicy
 from broker.history import Record
 from broker.store import ChunkStore, StoreError
 from schemas.manifest import ChunkRef, blob_hash, encode_pages, inline_page
@@ -240,7 +240,7 @@ def test_retention_both_limits_and_keep_all() -> None:
 # -- collect_garbage end to end -----------------------------------------------------------------------
 
 
-def coordinator(data_dir: Path, retention: Retention) -> Coordinator:
+def coordinator(data_dir: Path, retention: Retention | RetentionPolicy) -> Coordinator:
     return Coordinator(BrokerUrl("127.0.0.1", 1, False), data_dir, retention=retention)
 
 
@@ -442,3 +442,40 @@ def test_pull_delay_grows_with_size_and_is_capped() -> None:
     assert pull_delay(0) == PULL_DELAY
     assert PULL_DELAY < pull_delay(10 << 20) < pull_delay(256 << 20) < MAX_PULL_DELAY
     assert pull_delay(1 << 40) == MAX_PULL_DELAY
+
+
+def test_retention_policy_parse_defaults_and_per_space_overrides() -> None:
+    p = RetentionPolicy.parse(["50", "big-game=10"], ["big-game=7", "30"])
+    assert p.for_space("big-game") == Retention(keep_versions=10, keep_days=7.0)
+    assert p.for_space("other") == Retention(keep_versions=50, keep_days=30.0)
+    only_space = RetentionPolicy.parse(["art=3"], [])
+    assert only_space.for_space("art") == Retention(keep_versions=3) and only_space.for_space("x").keeps_all
+    assert not only_space.keeps_all and RetentionPolicy.parse([], []).keeps_all
+    for bad, why in ((["x"], "not a number"), (["0"], "must be positive"), (["a b=3"], "not a valid name")):
+        with pytest.raises(ValueError, match=why):
+            RetentionPolicy.parse(bad, [])
+
+
+def test_collect_garbage_applies_each_space_its_own_policy(tmp_path: Path) -> None:
+    coord = coordinator(tmp_path, RetentionPolicy.parse([f"{SPACE}=1"], []))
+    mine = [store_version(coord, v, [blob(f"{SPACE} v{v}")]) for v in (1, 2)]
+    head_other = []
+    for v in (1, 2):  # another space with no override keeps everything
+        chunk = blob(f"other v{v}")
+        coord.store.put(blob_hash(chunk), chunk)
+        pages = encode_pages([ChunkRef(blob_hash(chunk), len(chunk))])
+        for page in pages:
+            coord.store.put(blob_hash(page), page)
+        head = Head(file_id=FID, hash=blob_hash(chunk), size=len(chunk), version=v, author="bob-laptop",
+                    time=time.time(), chunks=1, manifest=[blob_hash(p) for p in pages])
+        assert coord.history.record("other-space", head)
+        head_other.append((head, chunk))
+    backdate(tmp_path / "chunks", HOUR, coord)
+    asyncio.run(coord.collect_garbage())
+    assert coord.store.get(blob_hash(blob(f"{SPACE} v1"))) is None  # pruned in the space with a policy
+    assert coord.store.get(blob_hash(blob(f"{SPACE} v2"))) is not None
+    for _head, chunk in head_other:
+        assert coord.store.get(blob_hash(chunk)) is not None
+    assert [r.entry.pruned for r in coord.history.records(SPACE, FID)] == [False, True]
+    assert [r.entry.pruned for r in coord.history.records("other-space", FID)] == [False, False]
+    assert coord.store.get(mine[1].manifest[0]) is not None

@@ -445,19 +445,19 @@ class Engine:
             await asyncio.sleep(delay)
 
     def providers(self, author: str, *, hub_first: bool = False) -> list[str]:
-        """Who to ask for a version's blobs: the author while online, the coordinator, the author again.
-
-        ``hub_first`` for a restored version: the coordinator holds it, the "author" may not.
-        """
+        """Who to ask for a version's blobs, in order: the author while online, the coordinator,
+        every other online device (one that applied the version holds it), the author again
+        (presence may lag).  ``hub_first`` for a restored version: the coordinator holds it, the
+        "author" (who asked for the restore) may not."""
+        me = self.cfg.device
+        online = sorted(d for d, p in self.presence.items() if p.state is PresenceState.ONLINE and d != me)
+        others = [device_provider(d) for d in online if d != author]
         if hub_first:
-            return [HUB] + ([device_provider(author)] if author != self.cfg.device else [])
-        out = []
-        p = self.presence.get(author)
-        if author != self.cfg.device and p is not None and p.state is PresenceState.ONLINE:
+            return [HUB, *others] + ([device_provider(author)] if author != me else [])
+        out = [device_provider(author)] if author in online else []
+        out += [HUB, *others]
+        if author != me and device_provider(author) not in out:
             out.append(device_provider(author))
-        out.append(HUB)
-        if author != self.cfg.device and device_provider(author) not in out:
-            out.append(device_provider(author))  # presence may lag; ask the author last
         return out
 
     def wake_later(self, task: FileTask, delay: float) -> None:

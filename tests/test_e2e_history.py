@@ -126,6 +126,24 @@ def test_one_coordinator_serves_every_space(tmp_path: Path, net: HubNet | Mosqui
         assert entry["hash"] == content_hash(dev.path(FID))
 
 
+def test_any_device_that_holds_a_version_serves_it(tmp_path: Path, devices: list[Device]) -> None:
+    mosq = MosquittoNet(tmp_path, require_mosquitto()).broker.start()  # no coordinator at all
+    try:
+        a, b = _pair(tmp_path, mosq.url, devices)
+        c = Device(tmp_path, "carol-mac", mosq.url, FILES)
+        devices.append(c)
+        v1 = a.write(FID, random_bytes(1_500_000))
+        a.start()
+        b.start()
+        wait_synced(b, FID, v1)
+        assert a.stop() == 0  # the author is gone and there is no coordinator: bob must serve carol
+        c.start()
+        wait_synced(c, FID, v1, timeout=60)
+        assert "applied v1 from alice-pc" in c.log()
+    finally:
+        mosq.stop()
+
+
 def test_cli_errors_for_history(tmp_path: Path, net: HubNet | MosquittoNet, devices: list[Device]) -> None:
     a, _ = _pair(tmp_path, net.url, devices)
     a.write(FID, b"one")

@@ -91,6 +91,8 @@ class MqttSession:
         self._on_disconnected = on_disconnected
         self._will = will
         self._subs: dict[str, int] = {}
+        self._exact: set[str] = set()
+        self._wildcards: list[str] = []
         self.connected = False
         self._stopping = False
         self.connect_count = 0
@@ -176,7 +178,7 @@ class MqttSession:
             self._last_error = text
 
     def _deliver(self, topic: str, payload: bytes) -> None:
-        if not any(paho.topic_matches_sub(sub, topic) for sub in self._subs):
+        if topic not in self._exact and not any(paho.topic_matches_sub(sub, topic) for sub in self._wildcards):
             self.dropped_foreign += 1
             log.debug("dropped message on %s: matches none of our subscriptions", topic)
             return
@@ -188,6 +190,10 @@ class MqttSession:
     # -- public -----------------------------------------------------------------------------
     def subscribe(self, topic: str, qos: int = 1) -> None:
         self._subs[topic] = qos
+        if "+" in topic or "#" in topic:
+            self._wildcards.append(topic)
+        else:
+            self._exact.add(topic)
         if self.connected:
             self._client.subscribe(topic, qos)
 

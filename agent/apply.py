@@ -78,7 +78,6 @@ class Assembly:
         stem = f"{key}.{file_hash[:24]}"
         self.part = partial_dir / f"{stem}.part"
         self.journal = partial_dir / f"{stem}.done"
-        self.bytes_written = 0
         self._fd = self._journal_fd = -1
         ours = re.compile(re.escape(key) + r"\.[0-9a-f]{24}\.(part|done)")
         try:
@@ -117,7 +116,6 @@ class Assembly:
             raise ApplyError(f"chunk {digest[:12]} has the wrong length for {self.target}")
         for off in self.where[digest]:
             os.pwrite(self._fd, data, off)
-            self.bytes_written += len(data)
         os.write(self._journal_fd, bytes.fromhex(digest))
         self.done.add(digest)
 

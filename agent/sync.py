@@ -22,7 +22,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.apply import Assembly, ContentMismatch, remove_stale_temps
-from agent.chunker import FileChanged, FileStat, Scan, scan_file, stat_of
+from agent.chunker import FileChanged, FileStat, Scan, hash_file, scan_file, stat_of
 from agent.config import AgentConfig, FileEntry
 from agent.state import AgentState
 from agent.watcher import QUICK_MS, Watcher
@@ -95,7 +95,6 @@ class FileTask:
         self.dirty = False
         self.reconcile_due = True
         self.bad_heads: set[str] = set()
-        self.activity = "idle"
         self._applying: Head | None = None
         self.wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
@@ -225,6 +224,18 @@ class FileTask:
             self.local_hash = scan.hash
             return scan
 
+    async def _unchanged(self, digest: str) -> bool:
+        """Whether the local file still hashes to ``digest`` (a whole-file hash, no chunking)."""
+        try:
+            now, st = await asyncio.to_thread(hash_file, self.entry.path)
+        except (FileChanged, FileNotFoundError):
+            return False  # the full scan below decides
+        except OSError as exc:
+            raise ScanError(f"cannot read {self.entry.path}: {exc.strerror or exc}") from exc
+        if now == digest:
+            self.index_stat = st
+        return now == digest
+
     def _index_from(self, chunks: tuple[ChunkRef, ...] | list[ChunkRef], st: FileStat | None) -> None:
         index: dict[str, tuple[int, int]] = {}
         off = 0
@@ -247,6 +258,8 @@ class FileTask:
                 self._missing_logged = True
             return
         self._missing_logged = False
+        if self.known is not None and self.local_hash == self.known.hash and await self._unchanged(self.known.hash):
+            return  # e.g. the watch event of our own apply: hashed, not chunked again
         scan = await self._rescan(wait=False)
         if scan is None or (self.known is not None and scan.hash == self.known.hash):
             return
@@ -284,7 +297,6 @@ class FileTask:
             self.bad_heads.add(head.hash)
             return
         t0 = time.perf_counter()
-        self.activity = "receiving"
         self._applying = head
         try:
             try:
@@ -324,7 +336,6 @@ class FileTask:
             self.engine.wake_later(self, RETRY_DELAY)
             return
         finally:
-            self.activity = "idle"
             self._applying = None
         ms = (time.perf_counter() - t0) * 1000
         log.info("%s: applied v%d from %s (%s; %d chunks fetched, %d reused, %d resumed) in %.0f ms",
@@ -411,7 +422,6 @@ class Engine:
         self.host = socket.gethostname()
         self.session: MqttSession
         self.exchange: BlobExchange
-        self._aux: set[asyncio.Task[None]] = set()
 
     # -- presence epoch (the will is set from paho's thread just before each connect) -------
     def _next_epoch(self) -> int:

@@ -80,7 +80,6 @@ class _Fetch:
     plan: PullPlan
     sink: BlobSink
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    bytes_in: int = 0
     on_progress: Callable[[int], None] | None = None
     error: Exception | None = None
     """Set when the sink failed (e.g. disk full): the fetch raises it."""
@@ -200,7 +199,6 @@ class BlobExchange:
             if f.error is None and f.plan.received(frame.hash):
                 try:
                     f.sink.put(frame.hash, frame.data)
-                    f.bytes_in += len(frame.data)
                     if f.on_progress:
                         f.on_progress(len(frame.data))
                 except Exception as exc:  # the sink's own failure ends that fetch, not the session

@@ -27,7 +27,7 @@ class UsageError(Exception):
 log = logging.getLogger("atrius")
 
 
-ONE_SHOT = {"versions", "restore"}
+ONE_SHOT = {"versions", "restore", "lock", "unlock", "status"}
 """Commands that answer and exit: their stderr is one readable line per problem, not a log."""
 
 
@@ -119,6 +119,36 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return main_command(args.config, lambda cfg: cmd_restore(cfg, args.file_id, args.version))
 
 
+def _cmd_lock(args: argparse.Namespace) -> int:
+    from agent.cli import main_command
+    from agent.commands import cmd_lock
+
+    return main_command(args.config, lambda cfg: cmd_lock(cfg, args.file_id, ttl=args.ttl, note=args.note))
+
+
+def _cmd_unlock(args: argparse.Namespace) -> int:
+    from agent.cli import main_command
+    from agent.commands import cmd_unlock
+
+    return main_command(args.config, lambda cfg: cmd_unlock(cfg, args.file_id, force=args.force))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from agent.cli import main_command
+    from agent.status import cmd_status
+
+    return main_command(args.config, lambda cfg: cmd_status(cfg, as_json=args.json))
+
+
+def _duration(text: str) -> float:
+    from agent.commands import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _retention(args: argparse.Namespace) -> RetentionPolicy:
     from broker.coordinator import RetentionPolicy
 
@@ -200,6 +230,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--version", type=_positive_int, required=True, help="the version to restore")
     sp.add_argument("--config", required=True, help="agent YAML file (space and broker)")
     sp.set_defaults(func=_cmd_restore)
+
+    sp = sub.add_parser("lock", help="lock a file for this device: read-only on every other device",
+                        epilog="example: atrius lock art/hero.png --config agent.yaml --ttl 4h --note 'repainting'\n"
+                               "exit codes: 0 locked, 3 locked by another device, 1 refused or failed",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("file_id", metavar="FILE_ID", help="logical file id, or a local path listed in the config")
+    sp.add_argument("--config", required=True, help="agent YAML file (device, space and broker)")
+    sp.add_argument("--ttl", type=_duration, metavar="DURATION",
+                    help="release the lock by itself after this long, e.g. 90s, 30m, 4h, 2d (default: never)")
+    sp.add_argument("--note", default="", help="a note shown to others, e.g. what you are doing")
+    sp.set_defaults(func=_cmd_lock)
+
+    sp = sub.add_parser("unlock", help="release a lock (--force: another device's, recorded in the history)",
+                        epilog="example: atrius unlock art/hero.png --config agent.yaml\n"
+                               "exit codes: 0 unlocked or not locked, 3 locked by another device, 1 failed",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("file_id", metavar="FILE_ID", help="logical file id, or a local path listed in the config")
+    sp.add_argument("--config", required=True, help="agent YAML file (device, space and broker)")
+    sp.add_argument("--force", action="store_true", help="break a lock held by another device")
+    sp.set_defaults(func=_cmd_unlock)
+
+    sp = sub.add_parser("status", help="devices, files, locks and local state of a space",
+                        epilog="example: atrius status --config agent.yaml --json")
+    sp.add_argument("--config", required=True, help="agent YAML file (device, space and broker)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=_cmd_status)
 
     sp = sub.add_parser("agent", help="sync the files listed in a YAML config",
                         epilog="example: atrius agent --config agent.yaml")

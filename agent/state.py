@@ -41,6 +41,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_synced(root: Path) -> dict[str, Head]:
+    """The last synced heads from a state dir, read-only (for ``atrius status``); {} if unreadable."""
+    try:
+        raw = json.loads((root / "state.json").read_text())
+        return {fid: Head.model_validate(h) for fid, h in raw.get("synced", {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError, ValidationError):
+        return {}
+
+
 class AgentState:
     """Single owner: the sync engine.  Persists after every change (small JSON, atomic)."""
 
@@ -57,6 +66,8 @@ class AgentState:
         self._file = root / "state.json"
         self.epoch = 0
         self.synced: dict[str, Head] = {}
+        self.locked_modes: dict[str, int] = {}
+        """Original permission bits of files made read-only because another device holds their lock."""
         self._load()
 
     def _load(self) -> None:
@@ -69,6 +80,7 @@ class AgentState:
             self.epoch = int(raw.get("epoch", 0))
             for fid, head in raw.get("synced", {}).items():
                 self.synced[fid] = Head.model_validate(head)
+            self.locked_modes = {str(k): int(v) & 0o7777 for k, v in raw.get("locked_modes", {}).items()}
         except (OSError, ValueError, TypeError, ValidationError) as exc:
             bad = self._file.with_suffix(f".corrupt-{int(time.time())}")
             log.error("state file %s is unreadable (%s); moved to %s and starting fresh", self._file, exc, bad)
@@ -76,13 +88,22 @@ class AgentState:
             self.synced.clear()
 
     def save(self) -> None:
-        data = {"epoch": self.epoch, "synced": {k: v.model_dump(mode="json") for k, v in self.synced.items()}}
+        data = {"epoch": self.epoch, "synced": {k: v.model_dump(mode="json") for k, v in self.synced.items()},
+                "locked_modes": self.locked_modes}
         write_atomic(self._file, json.dumps(data, indent=1).encode())
 
     def next_epoch(self) -> int:
         self.epoch = max(self.epoch + 1, 1)
         self.save()
         return self.epoch
+
+    def set_locked_mode(self, file_id: str, mode: int | None) -> None:
+        if mode is None:
+            if self.locked_modes.pop(file_id, None) is not None:
+                self.save()
+        elif self.locked_modes.get(file_id) != mode:
+            self.locked_modes[file_id] = mode
+            self.save()
 
     def set_synced(self, head: Head) -> None:
         self.synced[head.file_id] = head

@@ -27,6 +27,7 @@ from agent.config import AgentConfig, FileEntry
 from agent.state import AgentState
 from agent.watcher import QUICK_MS, Watcher
 from schemas.exchange import HUB, BlobExchange, FetchAborted, FetchFailed, device_provider
+from schemas.locks import describe
 from schemas.manifest import (
     ChunkRef,
     ManifestError,
@@ -36,16 +37,37 @@ from schemas.manifest import (
     encode_pages,
     inline_page,
 )
-from schemas.messages import Head, MessageError, Presence, PresenceState, decode_head, decode_presence, encode
+from schemas.messages import (
+    MAX_ACTIVE_FILES,
+    Head,
+    LockState,
+    MessageError,
+    Presence,
+    PresenceState,
+    decode_head,
+    decode_lock,
+    decode_presence,
+    encode,
+)
 from schemas.mqtt import MqttSession, Will
-from schemas.rules import RemoteAction, Startup, at_startup, next_version, on_remote_head, presence_is_current
+from schemas.rules import (
+    RemoteAction,
+    Startup,
+    at_startup,
+    next_vector,
+    next_version,
+    on_remote_head,
+    presence_is_current,
+)
 from schemas.topics import (
     TopicError,
     TopicKind,
     all_presence_filter,
+    conflict_topic,
     device_data_topic,
     device_request_topic,
     head_topic,
+    lock_topic,
     parse_topic,
     presence_topic,
 )
@@ -56,6 +78,15 @@ RETAINED_GRACE = 0.7
 """Seconds after (re)connecting during which retained heads are expected to arrive."""
 FETCH_GIVE_UP = 30.0
 RETRY_DELAY = 3.0
+LOCK_SETTLE = 0.15
+"""A lock change takes effect after this quiet time, so a lock message that is not the
+coordinator's (which re-asserts its own state at once) never touches the file."""
+ACTIVITY_DELAY = 0.2
+"""Presence is re-published at most this often when the files being sent or received change."""
+SENDING_HOLD = 2.0
+"""A file counts as "sending" for this long after its last chunk was served."""
+MAX_CONFLICT_SOURCES = 16
+WRITE_BITS = 0o222
 
 
 class ScanError(RuntimeError):
@@ -89,6 +120,8 @@ class FileTask:
         self.known: Head | None = engine.state.synced.get(entry.file_id)
         self.remote: Head | None = None
         self.remote_conn = -1
+        self.remote_seq = 0
+        self._announced_seq = -1
         self.index: dict[str, tuple[int, int]] = {}
         self.index_stat: FileStat | None = None
         self.local_hash: str | None = None
@@ -100,6 +133,11 @@ class FileTask:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
         self._missing_logged = False
+        self.lock: LockState | None = None
+        self._lock_pending: LockState | None = None
+        self._lock_timer: asyncio.TimerHandle | None = None
+        self.lock_conn = -1
+        self.last_scan: Scan | None = None
 
     # -- hints from other owners (run on the loop, never block) -----------------------------
     def hint_local(self, quick: bool) -> None:
@@ -126,6 +164,7 @@ class FileTask:
         # arriving after our winner is noticed (and answered with REASSERT).
         if self.remote is None or (head.version, head.hash) != (self.remote.version, self.remote.hash):
             self.remote = head
+            self.remote_seq += 1
             self.wake.set()
             applying = self._applying
             if applying is not None and on_remote_head(head, applying, "") is RemoteAction.APPLY:
@@ -136,6 +175,54 @@ class FileTask:
         self.reconcile_due = True
         self.dirty = True
         self.wake.set()
+
+    # -- locks -------------------------------------------------------------------------------
+    def on_lock(self, lock: LockState | None) -> None:
+        self.lock_conn = self.engine.session.connect_count
+        self._lock_pending = lock
+        if self._lock_timer is None:
+            self._lock_timer = asyncio.get_running_loop().call_later(LOCK_SETTLE, self._lock_settled)
+
+    def _lock_settled(self) -> None:
+        self._lock_timer = None
+        self.set_lock(self._lock_pending)
+
+    def set_lock(self, lock: LockState | None) -> None:
+        old, self.lock = self.lock, lock
+        if old != lock:
+            fid = self.entry.file_id
+            if lock is None:
+                log.info("%s: unlocked", fid)
+            elif old is None or old.holder != lock.holder:
+                log.info("%s: locked by %s", fid, describe(lock) if lock.holder != self.engine.cfg.device else
+                         f"this device ({describe(lock)})")
+        self.enforce_mode()
+        if old != lock:
+            self.dirty = True  # an edit made while it was locked is looked at again
+            self.wake.set()
+
+    def locked_by_other(self) -> bool:
+        return self.lock is not None and self.lock.holder != self.engine.cfg.device
+
+    def enforce_mode(self) -> None:
+        """Read-only while another device holds the lock; the original mode back afterwards."""
+        path, fid, state = self.entry.path, self.entry.file_id, self.engine.state
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+            saved = state.locked_modes.get(fid)
+            if self.locked_by_other():
+                if saved is None:
+                    state.set_locked_mode(fid, mode)
+                if mode & WRITE_BITS:
+                    os.chmod(path, mode & ~WRITE_BITS)
+            elif saved is not None:
+                if mode != saved:
+                    os.chmod(path, saved)
+                state.set_locked_mode(fid, None)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("%s: cannot change the permissions of %s: %s", fid, path, exc.strerror or exc)
 
     # -- the owner's loop ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -171,9 +258,10 @@ class FileTask:
             await self._reconcile()
         if self.remote is not None:
             action = on_remote_head(self.remote, self.known, eng.cfg.device)
-            if action is RemoteAction.APPLY:
-                await self._apply(self.remote, keep_local=False)
-            elif action is RemoteAction.REASSERT and self.known is not None:
+            if action in (RemoteAction.APPLY, RemoteAction.APPLY_KEEP_LOCAL):
+                await self._apply(self.remote, keep_local=action is RemoteAction.APPLY_KEEP_LOCAL)
+            elif action is RemoteAction.REASSERT and self.known is not None and self._announced_seq != self.remote_seq:
+                # (not when we announced ours after this head arrived: ours replaced it already)
                 log.info("%s: broker holds an older head (v%d); re-publishing v%d",
                          self.entry.file_id, self.remote.version, self.known.version)
                 self._announce(self.known)
@@ -184,8 +272,11 @@ class FileTask:
     async def _reconcile(self) -> None:
         """At start-up and after each reconnect: compare local, last synced and retained head."""
         await self._rescan()
-        remote = self.remote if self.remote_conn == self.engine.session.connect_count else None
-        decision = at_startup(self.local_hash, self.known, remote)
+        conn = self.engine.session.connect_count
+        if self.lock_conn != conn and self._lock_timer is None:
+            self.set_lock(None)  # no retained lock arrived: it was released (or never taken)
+        remote = self.remote if self.remote_conn == conn else None
+        decision = at_startup(self.local_hash, self.known, remote, self.engine.cfg.device)
         fid = self.entry.file_id
         log.debug("%s: reconcile -> %s", fid, decision.value)
         if decision is Startup.IN_SYNC and remote is not None:
@@ -222,6 +313,7 @@ class FileTask:
                 raise ScanError(f"cannot read {path}: {exc.strerror or exc}") from exc
             self._index_from(scan.chunks, scan.stat)
             self.local_hash = scan.hash
+            self.last_scan = scan
             return scan
 
     async def _unchanged(self, digest: str) -> bool:
@@ -266,31 +358,45 @@ class FileTask:
         if not self.engine.session.connected:
             self.dirty = True  # publish after reconnecting
             return
+        if self.locked_by_other() and self.lock is not None:
+            await self._revert_locked_edit(self.lock)
+            return
         pages = encode_pages(scan.chunks)
         digests = [blob_hash(p) for p in pages]
         for d, p in zip(digests, pages, strict=True):
             self.engine.state.put_blob(d, p)
-        head = Head(
-            file_id=self.entry.file_id,
-            hash=scan.hash,
-            size=scan.size,
-            version=next_version(self.known, self.remote),
-            author=self.engine.cfg.device,
-            time=time.time(),
-            parent=self.known.hash if self.known else None,
-            chunks=len(scan.chunks),
-            manifest=digests,
-            inline_manifest=inline_page(pages, len(scan.chunks)),
-        )
+        head = self._head_of(scan, next_version(self.known, self.remote), pages, digests)
         self._set_known(head)
         self._announce(head)
         log.info("%s: published v%d (%s, %d chunks)", head.file_id, head.version, _size(head.size), head.chunks)
 
+    def _head_of(self, scan: Scan, version: int, pages: list[bytes], digests: list[str]) -> Head:
+        """A new version made here from the last synced one."""
+        me = self.engine.cfg.device
+        return Head(
+            file_id=self.entry.file_id, hash=scan.hash, size=scan.size, version=version, author=me, time=time.time(),
+            parent=self.known.hash if self.known else None, chunks=len(scan.chunks), manifest=digests,
+            inline_manifest=inline_page(pages, len(scan.chunks)), vector=next_vector(self.known, me, version),
+        )
+
+    async def _revert_locked_edit(self, lock: LockState) -> None:
+        """A write while another device holds the lock: keep it as a conflict copy, bring back the head."""
+        fid = self.entry.file_id
+        if self.known is None:
+            log.warning("%s: edited while %s holds the lock; not published", fid, lock.holder)
+            return
+        log.warning("%s: edited while %s holds the lock; the edit is not published: it is kept as a conflict "
+                    "copy and the file returns to v%d", fid, lock.holder, self.known.version)
+        await self._apply(self.known, keep_local=True, record=False)
+
     def _announce(self, head: Head) -> None:
+        self._announced_seq = self.remote_seq
         self.engine.session.publish(head_topic(self.engine.cfg.space, head.file_id), encode(head), retain=True)
 
     # -- transfer -> assemble -> verify -> apply --------------------------------------------
-    async def _apply(self, head: Head, *, keep_local: bool) -> None:
+    async def _apply(self, head: Head, *, keep_local: bool, record: bool = True) -> None:
+        """Fetch, verify and apply ``head``.  ``keep_local``: keep the local content as a conflict
+        copy first; ``record``: report local content that was never published to the coordinator."""
         fid = self.entry.file_id
         if head.deleted:
             log.warning("%s: v%d from %s is a deletion; deletions are not applied yet", fid, head.version, head.author)
@@ -298,6 +404,7 @@ class FileTask:
             return
         t0 = time.perf_counter()
         self._applying = head
+        self.engine.note_receiving(fid, True)
         try:
             try:
                 entries = await self._manifest(head)
@@ -321,7 +428,7 @@ class FileTask:
                 await asyncio.to_thread(asm.finish, head.hash)
                 if self.remote is not None and on_remote_head(self.remote, head, "") is RemoteAction.APPLY:
                     return  # a newer head arrived meanwhile; the loop applies that one
-                await self._swap(asm, head, keep_local)
+                await self._swap(asm, head, keep_local, record)
             finally:
                 asm.abort()
         except ContentMismatch as exc:
@@ -337,6 +444,7 @@ class FileTask:
             return
         finally:
             self._applying = None
+            self.engine.note_receiving(fid, False)
         ms = (time.perf_counter() - t0) * 1000
         log.info("%s: applied v%d from %s (%s; %d chunks fetched, %d reused, %d resumed) in %.0f ms",
                  fid, head.version, head.author, _size(head.size), len(needed), reused, asm.resumed, ms)
@@ -371,7 +479,7 @@ class FileTask:
             raise ManifestError("chunk count or total size disagrees with the head")
         return entries
 
-    async def _swap(self, asm: Assembly, head: Head, keep_local: bool) -> None:
+    async def _swap(self, asm: Assembly, head: Head, keep_local: bool, record: bool) -> None:
         path = self.entry.path
         eng = self.engine
         st = stat_of(path)
@@ -380,22 +488,45 @@ class FileTask:
             mode = os.stat(path).st_mode & 0o7777
             if st != self.index_stat:
                 await self._rescan()  # the user touched it during the transfer: look again
-            expected = {head.hash} | ({self.known.hash} if self.known else set())
-            # Our own version lost a same-version race (tie-break): keep it visibly, not only in snapshots.
-            lost_race = (self.known is not None and self.known.author == eng.cfg.device
-                         and self.local_hash == self.known.hash and head.version == self.known.version)
-            if keep_local or lost_race or (self.local_hash is not None and self.local_hash not in expected):
-                copy = conflict_name(path, eng.cfg.device)
-                await asyncio.to_thread(shutil.copy2, path, copy)
-                log.warning("%s: local edit kept as conflict copy %s before applying v%d from %s",
-                            head.file_id, copy.name, head.version, head.author)
+            published = self.known is not None and self.local_hash == self.known.hash
+            unpublished_edit = self.local_hash is not None and not published and self.local_hash != head.hash
+            if (keep_local and self.local_hash != head.hash) or unpublished_edit:
+                await self._keep_conflict_copy(head, record=record and unpublished_edit)
             label = f"v{self.known.version}-{self.known.hash[:12]}" if (
                 self.known and self.known.hash == self.local_hash) else f"local-{(self.local_hash or 'x')[:12]}"
             await asyncio.to_thread(eng.state.snapshot, head.file_id, path, label, eng.cfg.keep_snapshots)
         await asyncio.to_thread(asm.swap_in, mode)
         entries_index = {d: (offs[0], asm.lengths[d]) for d, offs in asm.where.items()}
         self.index, self.index_stat, self.local_hash = entries_index, stat_of(path), head.hash
+        self.last_scan = None
         self._set_known(head)
+        self.enforce_mode()
+
+    async def _keep_conflict_copy(self, head: Head, *, record: bool) -> None:
+        """Copy the local content beside the file; serve its chunks; with ``record``, tell the
+        coordinator about this content nobody else has seen, so the history lists it."""
+        path, eng, fid = self.entry.path, self.engine, self.entry.file_id
+        copy = conflict_name(path, eng.cfg.device)
+        await asyncio.to_thread(shutil.copy2, path, copy)
+        try:
+            mode = eng.state.locked_modes.get(fid)
+            if mode is not None:
+                os.chmod(copy, mode)  # the copy is the user's to edit, whatever the lock says
+        except OSError:
+            pass
+        eng.add_conflict_source(copy, dict(self.index))
+        log.warning("%s: local content kept as conflict copy %s before applying v%d from %s",
+                    fid, copy.name, head.version, head.author)
+        scan = self.last_scan
+        if not record or scan is None or scan.hash != self.local_hash:
+            return
+        pages = encode_pages(scan.chunks)
+        digests = [blob_hash(p) for p in pages]
+        for d, p in zip(digests, pages, strict=True):
+            eng.state.put_blob(d, p)
+        base = self.known.version if self.known is not None else 0
+        lost = self._head_of(scan, base + 1, pages, digests)
+        eng.session.publish(conflict_topic(eng.cfg.space, fid), encode(lost))
 
 
 def _size(n: int) -> str:
@@ -420,6 +551,12 @@ class Engine:
         self._connected_at = 0.0
         self.started_at = time.time()
         self.host = socket.gethostname()
+        self.conflict_sources: list[tuple[Path, dict[str, tuple[int, int]]]] = []
+        self._receiving: set[str] = set()
+        self._sent_at: dict[str, float] = {}
+        self._activity_shown: tuple[list[str], list[str]] = ([], [])
+        self._activity_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.session: MqttSession
         self.exchange: BlobExchange
 
@@ -430,8 +567,56 @@ class Engine:
             return self._epoch
 
     def _presence(self, state: PresenceState, epoch: int) -> bytes:
+        sending: list[str] = []
+        receiving: list[str] = []
+        if state is PresenceState.ONLINE:  # (the Last Will is built on paho's thread: no state touched)
+            sending, receiving = self._activity()
+            self._activity_shown = (sending, receiving)
         return encode(Presence(device=self.cfg.device, state=state, epoch=epoch, since=self.started_at,
-                               host=self.host[:255], agent_version=__version__))
+                               host=self.host[:255], agent_version=__version__, sending=sending,
+                               receiving=receiving))
+
+    # -- activity shown in presence: files being sent and received ---------------------------
+    def _activity(self) -> tuple[list[str], list[str]]:
+        now = time.monotonic()
+        sending = sorted(f for f, t in self._sent_at.items() if now - t < SENDING_HOLD)[:MAX_ACTIVE_FILES]
+        return sending, sorted(self._receiving)[:MAX_ACTIVE_FILES]
+
+    def note_receiving(self, file_id: str, active: bool) -> None:
+        if active:
+            self._receiving.add(file_id)
+        else:
+            self._receiving.discard(file_id)
+        self._activity_changed()
+
+    def _note_sending(self, file_id: str) -> None:
+        first = file_id not in self._sent_at or time.monotonic() - self._sent_at[file_id] >= SENDING_HOLD
+        self._sent_at[file_id] = time.monotonic()
+        if first:
+            self._activity_changed()
+
+    def _activity_changed(self) -> None:
+        if self._activity_timer is None and self._loop is not None:
+            self._activity_timer = self._loop.call_later(ACTIVITY_DELAY, self._publish_activity)
+
+    def _publish_activity(self) -> None:
+        self._activity_timer = None
+        sending, receiving = self._activity()
+        if sending:  # look again when the oldest stops counting as sending
+            self._activity_changed()
+        now = time.monotonic()
+        for f in [f for f, t in self._sent_at.items() if now - t >= SENDING_HOLD]:
+            del self._sent_at[f]
+        if (sending, receiving) == self._activity_shown or not self.session.connected:
+            return
+        with self._epoch_lock:
+            epoch = self._epoch
+        self.session.publish(presence_topic(self.cfg.space, self.cfg.device),
+                             self._presence(PresenceState.ONLINE, epoch), retain=True)
+
+    def add_conflict_source(self, path: Path, index: dict[str, tuple[int, int]]) -> None:
+        """Serve the chunks of a conflict copy (the coordinator stores them for the history)."""
+        self.conflict_sources = [*self.conflict_sources, (path, index)][-MAX_CONFLICT_SOURCES:]
 
     def _will(self) -> Will:
         epoch = self._next_epoch()
@@ -475,18 +660,22 @@ class Engine:
 
     # -- BlobSource: serve chunks of our current files and manifest pages -------------------
     def read_blobs(self, space: str, file_id: str, digests: list[str]) -> list[tuple[str, bytes | None]]:
+        """Runs in a worker thread: reads chunks from the listed files and the conflict copies."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._note_sending, file_id)
         first = self.tasks.get(file_id)
         order = [first] if first else []
         order += [t for t in self.tasks.values() if t is not first]
+        sources = [(t.entry.path, t.index) for t in order] + list(reversed(self.conflict_sources))
         out: list[tuple[str, bytes | None]] = []
         for d in digests:
             data = None
-            for t in order:
-                loc = t.index.get(d)
+            for path, index in sources:
+                loc = index.get(d)
                 if loc is None:
                     continue
                 try:
-                    with open(t.entry.path, "rb") as fh:
+                    with open(path, "rb") as fh:
                         fh.seek(loc[0])
                         chunk = fh.read(loc[1])
                 except OSError:
@@ -517,6 +706,19 @@ class Engine:
             self._on_head(parsed.file_id, payload)
         elif kind is TopicKind.PRESENCE and parsed.device is not None:
             self._on_presence(parsed.device, payload)
+        elif kind is TopicKind.LOCK and parsed.file_id is not None:
+            self._on_lock(parsed.file_id, payload)
+
+    def _on_lock(self, file_id: str, payload: bytes) -> None:
+        task = self.tasks.get(file_id)
+        if task is None:
+            return
+        try:
+            lock = decode_lock(file_id, payload)
+        except MessageError as exc:
+            log.warning("dropped %s", exc)
+            return
+        task.on_lock(lock)
 
     def _on_head(self, file_id: str, payload: bytes) -> None:
         task = self.tasks.get(file_id)
@@ -547,6 +749,7 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.cfg
+        self._loop = asyncio.get_running_loop()
         self.session = MqttSession(
             cfg.broker, f"atrius-{cfg.space}-{cfg.device}",
             on_message=self._on_message, on_connected=self._on_connected, will=self._will,
@@ -558,6 +761,7 @@ class Engine:
             self.tasks[entry.file_id] = task
             self._by_path[entry.path] = task
             self.session.subscribe(head_topic(cfg.space, entry.file_id))
+            self.session.subscribe(lock_topic(cfg.space, entry.file_id))
         self.session.subscribe(all_presence_filter(cfg.space))
         self.session.subscribe(device_request_topic(cfg.space, cfg.device))
         self.session.subscribe(device_data_topic(cfg.space, cfg.device))

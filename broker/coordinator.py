@@ -8,8 +8,11 @@ broker in ``atrius hub``, or alone against Mosquitto in ``atrius coordinator``) 
   (:mod:`broker.store`) with the same windowed, hash-verified pull the agents use, from the
   author and any other online device of the space;
 - serves those blobs on ``hub/req``, so a device catches up even when the author is gone;
-- answers ``hub/rpc``: ``versions`` (history pages) and ``restore`` (publish version N's
-  content as a new head);
+- answers ``hub/rpc``: ``versions`` (history pages), ``restore`` (publish version N's content as
+  a new head), ``lock`` / ``unlock`` (it is the only publisher of the retained lock topics, and
+  puts its own state back when anything else appears there), ``status`` (device registry);
+- marks concurrent edits that lost as conflicts in the history and stores their content;
+- keeps a registry of every device with when it was last seen;
 - re-publishes the latest head of every file after (re)connecting when the broker holds none
   (the embedded broker keeps no retained messages across a restart);
 - applies the retention policy and repairs blobs found corrupt on disk.
@@ -31,35 +34,49 @@ from typing import Any
 from pydantic import ValidationError
 
 from broker.history import History, Record
+from broker.locks import LockBook
+from broker.registry import DeviceRegistry
 from broker.store import ChunkStore, StoreError
 from schemas.exchange import BlobExchange, FetchAborted, FetchFailed, device_provider
+from schemas.locks import decide_lock, decide_unlock, expire
 from schemas.manifest import ChunkRef, ManifestError, decode_inline, decode_page
 from schemas.messages import (
     HUB_REQUEST,
+    MAX_STATUS_DEVICES,
+    MAX_STATUS_EVENTS,
     Head,
+    LockEvent,
+    LockReply,
+    LockRequest,
+    LockState,
     MessageError,
     Model,
-    Presence,
-    PresenceState,
     RestoreReply,
     RestoreRequest,
+    StatusReply,
+    StatusRequest,
+    UnlockRequest,
     VersionsReply,
     VersionsRequest,
     decode_head,
+    decode_lock,
     decode_presence,
     encode,
     first_error,
 )
 from schemas.mqtt import BrokerUrl, MqttSession
 from schemas.names import check_name
-from schemas.rules import presence_is_current
+from schemas.rules import Relation, next_vector, relation, supersedes
 from schemas.topics import (
     ROOT,
     TopicError,
     TopicKind,
+    all_conflicts_filter,
     all_heads_filter,
+    all_locks_filter,
     all_presence_filter,
     head_topic,
+    lock_topic,
     parse_topic,
     rpc_reply_topic,
 )
@@ -73,6 +90,8 @@ PULL_DELAY = 1.0
 PULL_YIELD_RATE = 50e6
 MAX_PULL_DELAY = 30.0
 GC_INTERVAL = 600.0
+LOCK_TICK = 1.0
+"""How often lock TTLs are checked."""
 
 
 def pull_delay(size: int) -> float:
@@ -175,8 +194,11 @@ class Coordinator:
             retention or Retention())
         self._creds = (username, password, ca_file)
         self._pulls: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+        self._pull_heads: dict[tuple[str, str, str], Head] = {}
         self._stored: set[tuple[str, str, str]] = set()
-        self._presence: dict[tuple[str, str], Presence] = {}
+        self.locks = LockBook(data_dir)
+        self.registry = DeviceRegistry(data_dir)
+        self._lock_sent: dict[tuple[str, str], list[bytes]] = {}
         self._heads_seen: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -213,52 +235,95 @@ class Coordinator:
             self._on_rpc(parsed.space, payload)
         elif kind is TopicKind.PRESENCE and parsed.device is not None:
             self._on_presence(parsed.space, parsed.device, payload)
-        elif kind is TopicKind.HEAD and parsed.file_id is not None and payload:
+        elif kind in (TopicKind.HEAD, TopicKind.CONFLICT) and parsed.file_id is not None and payload:
             try:
                 head = decode_head(parsed.file_id, payload)
             except MessageError as exc:
                 log.warning("dropped %s in %s", exc, parsed.space)
                 return
-            self._on_head(parsed.space, head)
+            if kind is TopicKind.HEAD:
+                self._on_head(parsed.space, head)
+            else:
+                self._on_conflict(parsed.space, head)
+        elif kind is TopicKind.LOCK and parsed.file_id is not None:
+            self._on_lock_message(parsed.space, parsed.file_id, payload)
 
     def _on_presence(self, space: str, device: str, payload: bytes) -> None:
         if not payload:
-            self._presence.pop((space, device), None)
+            self.registry.forget(space, device)
             return
         try:
             p = decode_presence(device, payload)
         except MessageError as exc:
             log.warning("dropped %s in %s", exc, space)
             return
-        if presence_is_current(p, self._presence.get((space, device))):
-            self._presence[(space, device)] = p
+        self.registry.update(space, p)
 
     def _providers(self, space: str, author: str) -> list[str]:
         """The author first, then every other online device of the space (they may hold it too)."""
-        online = [d for (s, d), p in self._presence.items() if s == space and p.state is PresenceState.ONLINE]
-        return [device_provider(author)] + [device_provider(d) for d in sorted(online) if d != author]
+        online = self.registry.online(space)
+        return [device_provider(author)] + [device_provider(d) for d in online if d != author]
 
     def _on_head(self, space: str, head: Head) -> None:
         self._heads_seen.add((space, head.file_id))
+        cur = self.history.latest(space, head.file_id)
         try:
-            if self.history.record(space, head):
-                log.info("recorded %s/%s v%d by %s", space, head.file_id, head.version, head.author)
+            recorded = self.history.record(space, head)
         except OSError as exc:
             log.error("recording %s/%s v%d failed: %s", space, head.file_id, head.version, exc)
+            recorded = False
+        if recorded:
+            log.info("recorded %s/%s v%d by %s", space, head.file_id, head.version, head.author)
+        if cur is not None and cur.hash != head.hash:
+            if recorded and relation(head, cur.head) is Relation.CONCURRENT:
+                self._concurrent(space, head, cur)
+            if not supersedes(head, cur.head) and not cur.conflict:
+                # The broker now retains a head that loses to the one we hold: put the winner back
+                # (its author does too, if online; an offline author cannot).
+                log.info("%s/%s: the broker got v%d by %s, older than v%d by %s; re-publishing v%d", space,
+                         head.file_id, head.version, head.author, cur.version, cur.head.author, cur.version)
+                self.session.publish(head_topic(space, head.file_id), encode(cur.head), retain=True)
         self._start_pull(space, head, pull_delay(head.size))
+
+    def _concurrent(self, space: str, head: Head, cur: Record) -> None:
+        """Two edits of one version: the rules' winner is the head; record the loser as a conflict."""
+        lost = cur.head if supersedes(head, cur.head) else head
+        won = head if lost is cur.head else cur.head
+        try:
+            self.history.mark_conflict(space, head.file_id, lost.version, lost.hash)
+        except OSError as exc:
+            log.error("marking %s/%s v%d as a conflict failed: %s", space, head.file_id, lost.version, exc)
+        log.warning("%s/%s: concurrent edits: v%d by %s wins over v%d by %s (kept as a conflict copy by %s)",
+                    space, head.file_id, won.version, won.author, lost.version, lost.author, lost.author)
+
+    def _on_conflict(self, space: str, head: Head) -> None:
+        """An author's edit that lost before it was published, now a conflict copy on its device."""
+        try:
+            recorded = self.history.record(space, head, conflict=True)
+        except OSError as exc:
+            log.error("recording conflict %s/%s by %s failed: %s", space, head.file_id, head.author, exc)
+            return
+        if recorded:
+            log.warning("%s/%s: conflicting edit by %s (based on v%d) recorded; kept as a conflict copy there",
+                        space, head.file_id, head.author, head.version - 1)
+            self._start_pull(space, head, 0.2)
 
     def _start_pull(self, space: str, head: Head, delay: float = 0.0) -> None:
         key = (space, head.file_id, head.hash)
         if key in self._stored or (key in self._pulls and not self._pulls[key].done()):
             return
-        if any(s == space and f == head.file_id for (s, f, _h) in self._pulls):
+        running = [h for (s, f, _d), h in self._pull_heads.items() if s == space and f == head.file_id]
+        if running and all(relation(head, h) is Relation.DESCENDS for h in running):
+            # Only a descendant makes a running pull pointless; a concurrent edit's is kept.
             self.exchange.abort(space, head.file_id, f"superseded by v{head.version}")
         task = asyncio.get_running_loop().create_task(self._pull(space, head, delay),
                                                       name=f"pull:{space}/{head.file_id}")
         self._pulls[key] = task
+        self._pull_heads[key] = head
 
         def forget(_task: asyncio.Task[None]) -> None:
             self._pulls.pop(key, None)
+            self._pull_heads.pop(key, None)
 
         task.add_done_callback(forget)
 
@@ -272,8 +337,7 @@ class Coordinator:
     async def _pull(self, space: str, head: Head, start_after: float = 0.0) -> None:
         await asyncio.sleep(start_after)
         latest = self.history.latest(space, head.file_id)
-        if latest is not None and head.restored_from is None and (latest.version, latest.hash) > (
-                head.version, head.hash):
+        if latest is not None and head.restored_from is None and relation(latest.head, head) is Relation.DESCENDS:
             log.info("%s/%s v%d superseded before it was fetched; content not stored", space, head.file_id,
                      head.version)
             return
@@ -288,7 +352,7 @@ class Coordinator:
                 return
             except (FetchFailed, StoreError) as exc:
                 latest = self.history.latest(space, head.file_id)
-                if latest is not None and latest.hash != head.hash:
+                if latest is not None and relation(latest.head, head) is Relation.DESCENDS:
                     log.warning("%s/%s v%d: %s; superseded, not retrying", space, head.file_id, head.version, exc)
                     return
                 log.warning("%s/%s v%d: %s; retrying in %.0fs", space, head.file_id, head.version, exc, delay)
@@ -347,8 +411,110 @@ class Coordinator:
             log.warning("dropped malformed rpc in %s: %s", space, first_error(exc))
             return
         reply: Model
-        reply = self._versions(space, req) if isinstance(req, VersionsRequest) else self._restore(space, req)
+        if isinstance(req, VersionsRequest):
+            reply = self._versions(space, req)
+        elif isinstance(req, RestoreRequest):
+            reply = self._restore(space, req)
+        elif isinstance(req, LockRequest):
+            reply = self._lock(space, req)
+        elif isinstance(req, UnlockRequest):
+            reply = self._unlock(space, req)
+        else:
+            reply = self._status(space, req)
         self.session.publish(rpc_reply_topic(space, req.reply_to), encode(reply))
+
+    # -- locks -------------------------------------------------------------------------------------
+    def _current_lock(self, space: str, file_id: str, now: float) -> LockState | None:
+        """The lock of a file, expiring it first if its TTL ran out."""
+        lock = self.locks.get(space, file_id)
+        event = expire(lock, now)
+        if event is not None:
+            try:
+                self._set_lock(space, file_id, None, event)
+            except OSError as exc:
+                log.error("expiring the lock of %s/%s failed: %s", space, file_id, exc.strerror or exc)
+                return lock
+            log.info("%s/%s: lock of %s expired", space, file_id, event.holder)
+            return None
+        return lock
+
+    def _set_lock(self, space: str, file_id: str, lock: LockState | None, event: LockEvent | None) -> None:
+        """Save first (raises OSError, nothing published), then publish the retained state."""
+        self.locks.set(space, file_id, lock, event)
+        self._publish_lock(space, file_id)
+
+    def _publish_lock(self, space: str, file_id: str) -> None:
+        lock = self.locks.get(space, file_id)
+        payload = encode(lock) if lock is not None else b""
+        sent = self._lock_sent.setdefault((space, file_id), [])
+        sent.append(payload)
+        del sent[:-8]
+        self.session.publish(lock_topic(space, file_id), payload, retain=True)
+
+    def _on_lock_message(self, space: str, file_id: str, payload: bytes) -> None:
+        """Only the coordinator publishes locks: anything else on the topic is answered with its own state."""
+        try:
+            seen = decode_lock(file_id, payload)
+            valid = True
+        except MessageError as exc:
+            seen, valid = None, False
+            log.warning("malformed lock message on %s/%s (%s); re-asserting the coordinator's state",
+                        space, file_id, exc)
+        mine = self.locks.get(space, file_id)
+        if valid and seen == mine:
+            return
+        if valid and payload not in self._lock_sent.get((space, file_id), []):
+            log.warning("lock message on %s/%s not published by the coordinator (holder %s); re-asserting %s",
+                        space, file_id, seen.holder if seen else "none",
+                        f"the lock of {mine.holder}" if mine else "unlocked")
+        self._publish_lock(space, file_id)
+
+    def _lock(self, space: str, req: LockRequest) -> LockReply:
+        now = time.time()
+        current = self._current_lock(space, req.file_id, now)
+        latest = self.history.latest(space, req.file_id)
+        d = decide_lock(current, file_id=req.file_id, requester=req.by, local_hash=req.local_hash,
+                        head=latest.head if latest else None, ttl=req.ttl, note=req.note, now=now)
+        if d.changed:
+            try:
+                self._set_lock(space, req.file_id, d.lock, d.event)
+            except OSError as exc:
+                text = f"the coordinator cannot save the lock: {exc.strerror or exc}"
+                log.error("%s/%s: %s", space, req.file_id, text)
+                return LockReply(req_id=req.req_id, ok=False, outcome=d.outcome, error=text)
+            log.info("%s: %s", space, d.message)
+        else:
+            log.info("%s/%s: lock for %s refused: %s", space, req.file_id, req.by, d.message)
+        return LockReply(req_id=req.req_id, ok=d.ok, outcome=d.outcome, error="" if d.ok else d.message[:500],
+                         lock=d.lock, head_version=latest.version if latest else None,
+                         head_author=latest.head.author if latest else None)
+
+    def _unlock(self, space: str, req: UnlockRequest) -> LockReply:
+        now = time.time()
+        current = self._current_lock(space, req.file_id, now)
+        d = decide_unlock(current, file_id=req.file_id, requester=req.by, force=req.force, now=now)
+        if d.changed:
+            try:
+                self._set_lock(space, req.file_id, d.lock, d.event)
+            except OSError as exc:
+                text = f"the coordinator cannot save the lock: {exc.strerror or exc}"
+                return LockReply(req_id=req.req_id, ok=False, outcome=d.outcome, error=text)
+            log.info("%s: %s", space, d.message)
+        return LockReply(req_id=req.req_id, ok=d.ok, outcome=d.outcome, error="" if d.ok else d.message[:500],
+                         lock=current)
+
+    async def _lock_expiry(self) -> None:
+        while True:
+            await asyncio.sleep(LOCK_TICK)
+            now = time.time()
+            for space in self.locks.spaces():
+                for lock in self.locks.locks(space):
+                    self._current_lock(space, lock.file_id, now)
+
+    def _status(self, space: str, req: StatusRequest) -> StatusReply:
+        return StatusReply(req_id=req.req_id, time=time.time(),
+                           devices=self.registry.records(space)[:MAX_STATUS_DEVICES],
+                           lock_events=self.locks.events(space, MAX_STATUS_EVENTS))
 
     def _versions(self, space: str, req: VersionsRequest) -> VersionsReply:
         total, entries = self.history.page(space, req.file_id, req.offset, req.limit)
@@ -379,6 +545,7 @@ class Coordinator:
             file_id=src.file_id, hash=src.hash, size=src.size, version=latest.version + 1, author=req.by,
             deleted=src.deleted, time=time.time(), parent=latest.hash, chunks=src.chunks, manifest=src.manifest,
             inline_manifest=src.inline_manifest, restored_from=req.version,
+            vector=next_vector(latest.head, req.by, latest.version + 1) if latest.head.vector else {},
         )
         self.history.record(space, head)
         self.history.flush()
@@ -391,6 +558,9 @@ class Coordinator:
     def _on_connected(self) -> None:
         self._heads_seen.clear()
         self._spawn(self._republish_after_grace, "republish")
+        for space in self.locks.spaces():  # the embedded broker keeps no retained messages across restarts
+            for lock in self.locks.locks(space):
+                self._publish_lock(space, lock.file_id)
 
     async def _republish_after_grace(self) -> None:
         """Give the broker's retained heads time to arrive; publish ours where it has none."""
@@ -466,11 +636,14 @@ class Coordinator:
         self.exchange = BlobExchange(self.session, None, self)
         self.session.subscribe(all_heads_filter("+"))
         self.session.subscribe(all_presence_filter("+"))
+        self.session.subscribe(all_locks_filter("+"))
+        self.session.subscribe(all_conflicts_filter("+"))
         for leaf in ("req", "data", "rpc"):
             self.session.subscribe(f"{ROOT}/+/hub/{leaf}")
         self.exchange.start()
         self.session.start()
         self._spawn(self._housekeeping, "history-flush")
+        self._spawn(self._lock_expiry, "lock-expiry")
         if not self.retention.keeps_all:
             self._spawn(self.collect_garbage, "gc-first")
             self._spawn(self._gc_loop, "gc")

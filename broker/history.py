@@ -27,6 +27,7 @@ from tinydb.storages import Storage
 
 from schemas.messages import Head, VersionEntry, VersionKind
 from schemas.names import disk_name
+from schemas.rules import head_key
 
 log = logging.getLogger("atrius.history")
 
@@ -93,6 +94,14 @@ class Record:
     def key(self) -> tuple[int, str]:
         return (self.entry.version, self.entry.hash)
 
+    @property
+    def conflict(self) -> bool:
+        return self.entry.kind is VersionKind.CONFLICT
+
+    def rank(self) -> tuple[bool, tuple[int, bool, str]]:
+        """Which record is the head: never a conflict loser, then the rules' winner order."""
+        return (not self.conflict, head_key(self.head))
+
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> Record:
         return cls(VersionEntry.model_validate(doc["entry"]), Head.model_validate(doc["head"]))
@@ -148,8 +157,9 @@ class History:
         return sorted(found)
 
     # -- writes ---------------------------------------------------------------------------------
-    def record(self, space: str, head: Head) -> bool:
-        """Record a head; returns False if this (version, hash) is already in the history."""
+    def record(self, space: str, head: Head, *, conflict: bool = False) -> bool:
+        """Record a head (``conflict``: a concurrent edit that lost, never the latest); returns
+        False if this (version, hash) is already in the history."""
         n = (head.version - 1) // BLOCK
         db = self._block(space, head.file_id, n)
         q = Query()
@@ -157,15 +167,27 @@ class History:
             return False
         cur = self.latest(space, head.file_id)  # loads it from disk before this record lands
         kind = VersionKind.RESTORE if head.restored_from is not None else VersionKind.EDIT
+        if conflict:
+            kind = VersionKind.CONFLICT
         rec = Record(_entry(head, kind, head.restored_from), head)
         self._remember_id(space, head.file_id)
         db.insert({"version": head.version, "hash": head.hash, "recorded_at": time.time(),
                    "entry": rec.entry.model_dump(mode="json"), "head": head.model_dump(mode="json")})
         self._dirty.add(self._path(space, head.file_id, n))
-        if cur is None or rec.key() > cur.key():
+        if not conflict and (cur is None or rec.rank() > cur.rank()):
             self._latest[(space, head.file_id)] = rec
         self.maybe_flush()
         return True
+
+    def mark_conflict(self, space: str, file_id: str, version: int, digest: str) -> None:
+        """Mark a recorded version as a concurrent edit that lost (it stops being the latest)."""
+        q = Query()
+        n = (version - 1) // BLOCK
+        db = self._block(space, file_id, n)
+        for doc in db.search((q.version == version) & (q.hash == digest)):
+            db.update({"entry": {**doc["entry"], "kind": VersionKind.CONFLICT.value}}, doc_ids=[doc.doc_id])
+        self._dirty.add(self._path(space, file_id, n))
+        self._latest.pop((space, file_id), None)
 
     def mark_pruned(self, space: str, file_id: str, versions: set[tuple[int, str]]) -> None:
         q = Query()
@@ -236,19 +258,20 @@ class History:
         return total, [r.entry for r in out]
 
     def get(self, space: str, file_id: str, version: int) -> Record | None:
-        """The winning record of ``version`` (the higher hash wins a tie, as in schemas.rules)."""
+        """The winning record of ``version`` (conflict losers last, then the rules' order)."""
         q = Query()
         docs = self._block(space, file_id, (version - 1) // BLOCK).search(q.version == version)
-        return max((Record.from_doc(d) for d in docs), key=Record.key, default=None)
+        return max((Record.from_doc(d) for d in docs), key=Record.rank, default=None)
 
     def latest(self, space: str, file_id: str) -> Record | None:
         key = (space, file_id)
         if key not in self._latest:
             best = None
             for n in reversed(self._blocks(space, file_id)):
-                docs = self._block(space, file_id, n).all()
-                if docs:
-                    best = max((Record.from_doc(d) for d in docs), key=Record.key)
+                recs = [Record.from_doc(d) for d in self._block(space, file_id, n).all()]
+                recs = [r for r in recs if not r.conflict]
+                if recs:
+                    best = max(recs, key=Record.rank)
                     break
             self._latest[key] = best
         return self._latest[key]

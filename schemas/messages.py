@@ -17,6 +17,11 @@ MAX_HASHES_PER_REQUEST = 64
 MAX_VERSIONS_PAGE = 200
 """History entries per reply: ~250 bytes each keeps a page far under the JSON message limit."""
 MAX_REPLY_MESSAGE = 128 * 1024
+MAX_VECTOR = 256
+"""Devices in one version vector (every device that ever edited the file)."""
+MAX_ACTIVE_FILES = 32
+"""Files listed as sending or receiving in one presence message."""
+MAX_TTL = 366 * 86400.0
 
 
 class Model(BaseModel):
@@ -40,6 +45,10 @@ class Presence(Model):
     since: float = 0.0
     host: Annotated[str, Field(max_length=255)] = ""
     agent_version: Annotated[str, Field(max_length=64)] = ""
+    sending: Annotated[list[FileId], Field(max_length=MAX_ACTIVE_FILES)] = []
+    """Files whose chunks this device served in the last seconds."""
+    receiving: Annotated[list[FileId], Field(max_length=MAX_ACTIVE_FILES)] = []
+    """Files this device is fetching a version of right now."""
 
 
 class Head(Model):
@@ -63,6 +72,9 @@ class Head(Model):
     inline_manifest: Annotated[str | None, Field(max_length=8192)] = None
     restored_from: Annotated[int | None, Field(ge=1)] = None
     """Set when the coordinator made this head by restoring an earlier version (it holds the chunks)."""
+    vector: Annotated[dict[DeviceName, Annotated[int, Field(ge=1)]], Field(max_length=MAX_VECTOR)] = {}
+    """Version vector: for each device that edited this lineage, the version number of its last edit.
+    Ancestry is decided by it (:func:`schemas.rules.relation`); ``parent`` is the fallback."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Head:
@@ -84,7 +96,40 @@ class LockState(Model):
     holder: DeviceName
     acquired_at: float
     expires_at: float | None = None
+    """None: no TTL, the lock lasts until unlocked."""
     note: Annotated[str, Field(max_length=500)] = ""
+    version: Annotated[int | None, Field(ge=1)] = None
+    """The head version the holder had when the lock was granted."""
+
+
+class LockEventKind(enum.StrEnum):
+    TAKEN = "taken"
+    RENEWED = "renewed"
+    RELEASED = "released"
+    FORCED = "forced"
+    EXPIRED = "expired"
+
+
+class LockEvent(Model):
+    """One line of a space's lock history, kept by the coordinator."""
+
+    file_id: FileId
+    kind: LockEventKind
+    holder: DeviceName
+    by: DeviceName | None = None
+    """Who caused it (the unlocking device for ``forced``); None for ``expired``."""
+    time: float
+    note: Annotated[str, Field(max_length=500)] = ""
+
+
+def decode_lock(file_id: str, payload: bytes) -> LockState | None:
+    """A lock from ``files/{key}/lock``: None for the empty payload (unlocked)."""
+    if not payload:
+        return None
+    lock = _decode(LockState, "lock", file_id, payload)
+    if lock.file_id != file_id:
+        raise MessageError(f"lock file_id {lock.file_id!r} does not match its topic ({file_id!r})")
+    return lock
 
 
 class ChunkRequest(Model):
@@ -105,6 +150,8 @@ class ChunkRequest(Model):
 class VersionKind(enum.StrEnum):
     EDIT = "edit"
     RESTORE = "restore"
+    CONFLICT = "conflict"
+    """A concurrent edit that lost (:func:`schemas.rules.winner`); kept as a conflict copy by its author."""
 
 
 class VersionEntry(Model):
@@ -149,7 +196,41 @@ class RestoreRequest(Model):
     by: DeviceName
 
 
-HubRequest = Annotated[VersionsRequest | RestoreRequest, Field(discriminator="kind")]
+class LockRequest(Model):
+    """``hub/rpc``: lock a file for ``by``, who must hold the current head (``local_hash``)."""
+
+    kind: Literal["lock"] = "lock"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    reply_to: Token
+    file_id: FileId
+    by: DeviceName
+    local_hash: HashHex | None
+    """BLAKE3 of the requester's local file; None when it has no copy."""
+    ttl: Annotated[float | None, Field(gt=0, le=MAX_TTL)] = None
+    note: Annotated[str, Field(max_length=500)] = ""
+
+
+class UnlockRequest(Model):
+    """``hub/rpc``: release a lock; ``force`` releases another device's lock (recorded)."""
+
+    kind: Literal["unlock"] = "unlock"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    reply_to: Token
+    file_id: FileId
+    by: DeviceName
+    force: bool = False
+
+
+class StatusRequest(Model):
+    """``hub/rpc``: the device registry and recent lock events of the space."""
+
+    kind: Literal["status"] = "status"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    reply_to: Token
+
+
+HubRequest = Annotated[
+    VersionsRequest | RestoreRequest | LockRequest | UnlockRequest | StatusRequest, Field(discriminator="kind")]
 
 
 class VersionsReply(Model):
@@ -169,9 +250,68 @@ class RestoreReply(Model):
     version: int | None = None
 
 
-HubReply = Annotated[VersionsReply | RestoreReply, Field(discriminator="kind")]
-HUB_REQUEST: TypeAdapter[VersionsRequest | RestoreRequest] = TypeAdapter(HubRequest)
-HUB_REPLY: TypeAdapter[VersionsReply | RestoreReply] = TypeAdapter(HubReply)
+class LockOutcome(enum.StrEnum):
+    GRANTED = "granted"
+    RENEWED = "renewed"
+    """The requester already held it: TTL and note updated."""
+    HELD = "held"
+    """Another device holds it (exit code 3)."""
+    STALE = "stale"
+    """The requester's copy is not the current head."""
+    UNKNOWN = "unknown"
+    RELEASED = "released"
+    FORCED = "forced"
+    NOT_LOCKED = "not_locked"
+    NOT_HOLDER = "not_holder"
+    """Unlock by a device that does not hold the lock, without ``force`` (exit code 3)."""
+
+
+class LockReply(Model):
+    """Answer to a lock or unlock request; ``lock`` is the lock concerned (granted, held or released)."""
+
+    kind: Literal["lock"] = "lock"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    ok: bool
+    outcome: LockOutcome
+    error: Annotated[str, Field(max_length=500)] = ""
+    lock: LockState | None = None
+    head_version: int | None = None
+    head_author: DeviceName | None = None
+
+
+class DeviceRecord(Model):
+    """The coordinator's registry entry for one device."""
+
+    device: DeviceName
+    state: PresenceState
+    last_seen: float
+    """When the coordinator last heard from it (now, while online)."""
+    since: float = 0.0
+    host: Annotated[str, Field(max_length=255)] = ""
+    agent_version: Annotated[str, Field(max_length=64)] = ""
+    sending: Annotated[list[FileId], Field(max_length=MAX_ACTIVE_FILES)] = []
+    receiving: Annotated[list[FileId], Field(max_length=MAX_ACTIVE_FILES)] = []
+
+
+MAX_STATUS_DEVICES = 256
+MAX_STATUS_EVENTS = 50
+
+
+class StatusReply(Model):
+    kind: Literal["status"] = "status"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    ok: bool = True
+    error: Annotated[str, Field(max_length=500)] = ""
+    time: float
+    devices: Annotated[list[DeviceRecord], Field(max_length=MAX_STATUS_DEVICES)] = []
+    lock_events: Annotated[list[LockEvent], Field(max_length=MAX_STATUS_EVENTS)] = []
+
+
+HubReplyModel = VersionsReply | RestoreReply | LockReply | StatusReply
+HubRequestModel = VersionsRequest | RestoreRequest | LockRequest | UnlockRequest | StatusRequest
+HubReply = Annotated[HubReplyModel, Field(discriminator="kind")]
+HUB_REQUEST: TypeAdapter[HubRequestModel] = TypeAdapter(HubRequest)
+HUB_REPLY: TypeAdapter[HubReplyModel] = TypeAdapter(HubReply)
 
 
 class MessageError(ValueError):

@@ -7,35 +7,94 @@ import enum
 from schemas.messages import Head, Presence, PresenceState
 
 
-def head_key(head: Head) -> tuple[int, str]:
-    """Total order on heads: higher version wins; equal versions tie-break on the content hash."""
-    return (head.version, head.hash)
+class Relation(enum.Enum):
+    """How one head stands to another in the version ancestry."""
+
+    SAME = "same"
+    """The same content (whatever the history that led to it)."""
+    DESCENDS = "descends"
+    """It was made from (a descendant of) the other: a fast-forward."""
+    PRECEDES = "precedes"
+    """The other was made from it: it is older."""
+    CONCURRENT = "concurrent"
+    """Neither was made from the other: two edits of one version, a conflict."""
+
+
+def relation(a: Head, b: Head) -> Relation:
+    """How ``a`` relates to ``b``, decided by the version vectors.
+
+    Each head's vector names, per device, the version of that device's last edit in its lineage;
+    ``a`` descends from ``b`` when its vector is at least ``b``'s everywhere.  Heads without a
+    vector (older agents) fall back on the parent link, then on the version number.
+    """
+    if a.hash == b.hash and a.deleted == b.deleted:
+        return Relation.SAME
+    if a.vector and b.vector:
+        a_ge = all(a.vector.get(d, 0) >= n for d, n in b.vector.items())
+        b_ge = all(b.vector.get(d, 0) >= n for d, n in a.vector.items())
+        if a_ge != b_ge:
+            return Relation.DESCENDS if a_ge else Relation.PRECEDES
+        return Relation.CONCURRENT  # (equal vectors with different content cannot be ordered either)
+    if a.parent is not None and a.parent == b.hash:
+        return Relation.DESCENDS
+    if b.parent is not None and b.parent == a.hash:
+        return Relation.PRECEDES
+    if a.version != b.version:
+        return Relation.DESCENDS if a.version > b.version else Relation.PRECEDES
+    return Relation.CONCURRENT
+
+
+def head_key(head: Head) -> tuple[int, bool, str]:
+    """Total order on heads, the deterministic winner rule every device and the coordinator apply:
+    the higher version wins; at equal versions content beats a deletion, then the higher hash wins.
+
+    A descendant always has a higher version than its ancestors (a new version is numbered one
+    above every version its author knows), so the order never puts an ancestor above a descendant.
+    """
+    return (head.version, not head.deleted, head.hash)
 
 
 def supersedes(candidate: Head, current: Head | None) -> bool:
     return current is None or head_key(candidate) > head_key(current)
 
 
+def winner(a: Head, b: Head) -> Head:
+    return a if head_key(a) >= head_key(b) else b
+
+
 def next_version(*known: Head | None) -> int:
     return max((h.version for h in known if h is not None), default=0) + 1
+
+
+def next_vector(base: Head | None, device: str, version: int) -> dict[str, int]:
+    """The vector of a new version ``version`` that ``device`` made from ``base``."""
+    vector = dict(base.vector) if base is not None else {}
+    vector[device] = version
+    return vector
 
 
 class RemoteAction(enum.Enum):
     IGNORE = "ignore"
     APPLY = "apply"
+    APPLY_KEEP_LOCAL = "apply_keep_local"
+    """Our own version lost to a concurrent one: keep ours as a conflict copy, then apply."""
     REASSERT = "reassert"
     """Our own head beats the one the broker now retains: publish ours again."""
 
 
 def on_remote_head(remote: Head, known: Head | None, me: str) -> RemoteAction:
     """What a running agent does with a head that arrived while it knows ``known``."""
-    if known is not None and remote.hash == known.hash and remote.deleted == known.deleted:
+    if known is None:
+        return RemoteAction.APPLY
+    rel = relation(remote, known)
+    if rel is Relation.SAME:
         return RemoteAction.IGNORE
     if supersedes(remote, known):
+        if rel is Relation.CONCURRENT and known.author == me:
+            return RemoteAction.APPLY_KEEP_LOCAL
         return RemoteAction.APPLY
-    if known is not None and known.author == me and known.version >= remote.version:
-        return RemoteAction.REASSERT
-    return RemoteAction.IGNORE
+    # Ours is newer, or won a concurrent edit: its author makes sure the broker holds it again.
+    return RemoteAction.REASSERT if known.author == me else RemoteAction.IGNORE
 
 
 class Startup(enum.Enum):
@@ -47,8 +106,14 @@ class Startup(enum.Enum):
     """Both sides changed (or first run with different content): keep local as a conflict copy, apply."""
 
 
-def at_startup(local_hash: str | None, synced: Head | None, remote: Head | None) -> Startup:
-    """Reconcile one file at start-up from the local content, the last synced head and the retained head."""
+def at_startup(local_hash: str | None, synced: Head | None, remote: Head | None, me: str = "") -> Startup:
+    """Reconcile one file at start-up (and after each reconnect) from the local content, the last
+    synced head and the retained head.
+
+    An edit made here while offline that meets a newer published version is a conflict: the
+    published version wins (others may already hold or build on it) and the local edit is kept as
+    a conflict copy.  Our own published version that lost to a concurrent one meanwhile, likewise.
+    """
     if remote is None or remote.deleted:
         return Startup.NOTHING if local_hash is None else Startup.PUBLISH_LOCAL
     if local_hash is None:
@@ -57,9 +122,14 @@ def at_startup(local_hash: str | None, synced: Head | None, remote: Head | None)
         return Startup.IN_SYNC
     if synced is None:
         return Startup.CONFLICT
+    if not supersedes(remote, synced):
+        # The broker holds an older (or losing) head than the one we synced: ours stands, and a
+        # local edit made on top of it is a new version.
+        return Startup.PUBLISH_LOCAL
     if synced.hash == local_hash:
-        # Unchanged here: take a newer head; re-publish ours if the broker lost it for an older one.
-        return Startup.APPLY_REMOTE if supersedes(remote, synced) else Startup.PUBLISH_LOCAL
+        # Unchanged here since the last sync: take the newer head, keeping ours if it lost a race.
+        lost = relation(remote, synced) is Relation.CONCURRENT and synced.author == me
+        return Startup.CONFLICT if lost else Startup.APPLY_REMOTE
     if remote.hash == synced.hash:
         return Startup.PUBLISH_LOCAL
     return Startup.CONFLICT

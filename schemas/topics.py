@@ -33,6 +33,11 @@ def lock_topic(space: str, file_id: str) -> str:
     return f"{ROOT}/{space}/files/{file_key(file_id)}/lock"
 
 
+def conflict_topic(space: str, file_id: str) -> str:
+    """Not retained: an author's losing concurrent edit, kept as a conflict copy, for the history."""
+    return f"{ROOT}/{space}/files/{file_key(file_id)}/conflict"
+
+
 def device_request_topic(space: str, device: str) -> str:
     """Chunk requests addressed to one device (it serves what it holds)."""
     return f"{ROOT}/{space}/dev/{device}/req"
@@ -72,6 +77,14 @@ def all_heads_filter(space: str = "+") -> str:
     return f"{ROOT}/{space}/files/+/head"
 
 
+def all_locks_filter(space: str = "+") -> str:
+    return f"{ROOT}/{space}/files/+/lock"
+
+
+def all_conflicts_filter(space: str = "+") -> str:
+    return f"{ROOT}/{space}/files/+/conflict"
+
+
 def all_presence_filter(space: str = "+") -> str:
     return f"{ROOT}/{space}/presence/+"
 
@@ -80,6 +93,7 @@ class TopicKind(enum.Enum):
     PRESENCE = "presence"
     HEAD = "head"
     LOCK = "lock"
+    CONFLICT = "conflict"
     DEVICE_REQUEST = "device_request"
     DEVICE_DATA = "device_data"
     HUB_REQUEST = "hub_request"
@@ -88,6 +102,7 @@ class TopicKind(enum.Enum):
     RPC_REPLY = "rpc_reply"
 
 
+_FILE_KINDS = {"head": TopicKind.HEAD, "lock": TopicKind.LOCK, "conflict": TopicKind.CONFLICT}
 _HUB_KINDS = {"req": TopicKind.HUB_REQUEST, "data": TopicKind.HUB_DATA, "rpc": TopicKind.HUB_RPC}
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
@@ -116,12 +131,11 @@ def parse_topic(topic: str) -> ParsedTopic:
         check_name(space)
         if rest[0] == "presence" and len(rest) == 2:
             return ParsedTopic(TopicKind.PRESENCE, space, device=check_name(rest[1]))
-        if rest[0] == "files" and len(rest) == 3 and rest[2] in {"head", "lock"}:
+        if rest[0] == "files" and len(rest) == 3 and rest[2] in _FILE_KINDS:
             file_id = check_file_id(unquote(rest[1], errors="strict"))
             if file_key(file_id) != rest[1]:
                 raise TopicError(f"file key {rest[1]!r} is not canonically encoded")
-            kind = TopicKind.HEAD if rest[2] == "head" else TopicKind.LOCK
-            return ParsedTopic(kind, space, file_id=file_id)
+            return ParsedTopic(_FILE_KINDS[rest[2]], space, file_id=file_id)
         if rest[0] == "dev" and len(rest) == 3 and rest[2] in {"req", "data"}:
             kind = TopicKind.DEVICE_REQUEST if rest[2] == "req" else TopicKind.DEVICE_DATA
             return ParsedTopic(kind, space, device=check_name(rest[1]))

@@ -34,6 +34,12 @@ def relation(a: Head, b: Head) -> Relation:
         b_ge = all(b.vector.get(d, 0) >= n for d, n in a.vector.items())
         if a_ge != b_ge:
             return Relation.DESCENDS if a_ge else Relation.PRECEDES
+        # Concurrent lineages can still meet in content: two devices that published the same
+        # content at once each keep their own vector, and an edit made from it names it as parent.
+        if a.parent == b.hash and b.parent != a.hash:
+            return Relation.DESCENDS
+        if b.parent == a.hash and a.parent != b.hash:
+            return Relation.PRECEDES
         return Relation.CONCURRENT  # (equal vectors with different content cannot be ordered either)
     if a.parent is not None and a.parent == b.hash:
         return Relation.DESCENDS

@@ -438,3 +438,34 @@ def test_full_disk_flush_keeps_the_old_block_and_leaves_no_temp_file(tiny_disk: 
     os.unlink(filler)
     h.close()  # the records still in the cache are written once there is space again
     assert [r.version for r in History(tiny_disk).records(SPACE, FID)] == list(range(59, 0, -1))
+
+
+# -- conflicts -------------------------------------------------------------------------------------
+
+
+def test_conflict_record_is_listed_but_never_latest(hist: History, tmp_path: Path) -> None:
+    hist.record(SPACE, head(1))
+    # A losing concurrent edit with the higher hash: a plain record would win the tie.
+    assert hist.record(SPACE, head(2, hx(0xFFFF), author="bob-laptop"), conflict=True)
+    hist.record(SPACE, head(2, hx(0x10)))
+    latest = hist.latest(SPACE, FID)
+    assert latest is not None and latest.hash == hx(0x10)
+    assert hist.get(SPACE, FID, 2).hash == hx(0x10)  # type: ignore[union-attr]
+    total, entries = hist.page(SPACE, FID, 0, 10)
+    assert total == 3
+    assert [(e.version, e.kind) for e in entries].count((2, VersionKind.CONFLICT)) == 1
+    hist.close()
+    again = History(tmp_path, flush_interval=3600)  # the same from disk
+    assert again.latest(SPACE, FID).hash == hx(0x10)  # type: ignore[union-attr]
+    again.close()
+
+
+def test_mark_conflict_demotes_the_loser(hist: History) -> None:
+    hist.record(SPACE, head(1))
+    hist.record(SPACE, head(2, hx(0xAA)))
+    hist.record(SPACE, head(2, hx(0xBB), author="bob-laptop"))
+    assert hist.latest(SPACE, FID).hash == hx(0xBB)  # type: ignore[union-attr]
+    hist.mark_conflict(SPACE, FID, 2, hx(0xBB))
+    assert hist.latest(SPACE, FID).hash == hx(0xAA)  # type: ignore[union-attr]
+    kinds = {e.hash: e.kind for e in hist.page(SPACE, FID, 0, 10)[1]}
+    assert kinds[hx(0xBB)] is VersionKind.CONFLICT and kinds[hx(0xAA)] is VersionKind.EDIT

@@ -41,7 +41,7 @@ def unlock(current: LockState | None, requester: str = "alice", *, force: bool =
     return decide_unlock(current, file_id=FID, requester=requester, force=force, now=NOW)
 
 
-# -- grant and renew ------------------------------------------------------------------------------------
+# -- grant and renew -------------------------------------------------------------------------------
 
 
 def test_grant() -> None:
@@ -79,7 +79,7 @@ def test_renew_without_ttl_drops_the_expiry() -> None:
     assert d.lock is not None and d.lock.expires_at is None
 
 
-# -- refusals ---------------------------------------------------------------------------------------------
+# -- refusals --------------------------------------------------------------------------------------
 
 
 def test_held_by_another_device() -> None:
@@ -149,7 +149,7 @@ def test_deleted_head_is_stale(local_hash: str | None) -> None:
     assert "deleted" in d.message and "v8" in d.message
 
 
-# -- TTL and expiry -------------------------------------------------------------------------------------
+# -- TTL and expiry --------------------------------------------------------------------------------
 
 
 def test_expire_exactly_when_now_reaches_expires_at() -> None:
@@ -184,7 +184,7 @@ def test_expired_lock_can_be_taken_by_another_device() -> None:
     assert lock(None).outcome is LockOutcome.GRANTED  # the caller drops the expired lock first
 
 
-# -- unlock ------------------------------------------------------------------------------------------------
+# -- unlock ----------------------------------------------------------------------------------------
 
 
 def test_unlock_by_the_holder() -> None:
@@ -233,7 +233,7 @@ def test_unlock_when_not_locked(force: bool) -> None:
     assert FID in d.message
 
 
-# -- outcomes and messages ----------------------------------------------------------------------------------
+# -- outcomes and messages -------------------------------------------------------------------------
 
 
 def test_exit_locked_outcomes() -> None:

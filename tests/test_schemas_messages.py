@@ -9,12 +9,37 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from schemas.messages import (
+    HUB_REPLY,
+    HUB_REQUEST,
+    MAX_ACTIVE_FILES,
     MAX_HASHES_PER_REQUEST,
+    MAX_JSON_MESSAGE,
+    MAX_STATUS_DEVICES,
+    MAX_STATUS_EVENTS,
+    MAX_TTL,
+    MAX_VECTOR,
     ChunkRequest,
+    DeviceRecord,
     Head,
+    LockEvent,
+    LockEventKind,
+    LockOutcome,
+    LockReply,
+    LockRequest,
     LockState,
+    MessageError,
     Presence,
     PresenceState,
+    RestoreReply,
+    RestoreRequest,
+    StatusReply,
+    StatusRequest,
+    UnlockRequest,
+    VersionEntry,
+    VersionKind,
+    VersionsReply,
+    VersionsRequest,
+    decode_lock,
     encode,
 )
 from schemas.names import MAX_FILE_ID, check_file_id, check_hash, check_name
@@ -56,7 +81,54 @@ def request(**over: Any) -> ChunkRequest:
     return ChunkRequest(**fields)
 
 
-ALL_FACTORIES = [head, presence, lock, request]
+TOKEN = "tok_0123456789"
+
+
+def lock_event(**over: Any) -> LockEvent:
+    fields: dict[str, Any] = {"file_id": "art/hero.png", "kind": "taken", "holder": "bob", "by": "bob", "time": 10.0}
+    fields.update(over)
+    return LockEvent(**fields)
+
+
+def lock_request(**over: Any) -> LockRequest:
+    fields: dict[str, Any] = {"req_id": "r1", "reply_to": TOKEN, "file_id": "art/hero.png", "by": "bob",
+                              "local_hash": H1}
+    fields.update(over)
+    return LockRequest(**fields)
+
+
+def unlock_request(**over: Any) -> UnlockRequest:
+    fields: dict[str, Any] = {"req_id": "r1", "reply_to": TOKEN, "file_id": "art/hero.png", "by": "bob"}
+    fields.update(over)
+    return UnlockRequest(**fields)
+
+
+def status_request(**over: Any) -> StatusRequest:
+    fields: dict[str, Any] = {"req_id": "r1", "reply_to": TOKEN}
+    fields.update(over)
+    return StatusRequest(**fields)
+
+
+def lock_reply(**over: Any) -> LockReply:
+    fields: dict[str, Any] = {"req_id": "r1", "ok": True, "outcome": "granted"}
+    fields.update(over)
+    return LockReply(**fields)
+
+
+def device_record(**over: Any) -> DeviceRecord:
+    fields: dict[str, Any] = {"device": "bob", "state": "online", "last_seen": 10.0}
+    fields.update(over)
+    return DeviceRecord(**fields)
+
+
+def status_reply(**over: Any) -> StatusReply:
+    fields: dict[str, Any] = {"req_id": "r1", "time": 10.0}
+    fields.update(over)
+    return StatusReply(**fields)
+
+
+ALL_FACTORIES = [head, presence, lock, request, lock_event, lock_request, unlock_request, status_request, lock_reply,
+                 device_record, status_reply]
 
 # -- frozen, extra="forbid" ---------------------------------------------------------------------
 
@@ -99,6 +171,19 @@ def test_models_reject_unknown_fields_in_json(make: Any) -> None:
         lock(expires_at=20.0, note="editing"),
         request(),
         request(requester=None, hashes=[H1, H2, H3]),
+        head(vector={"alice-pc": 3, "bob": 1}),
+        head(vector={f"dev{i}": i + 1 for i in range(MAX_VECTOR)}),
+        presence(sending=["art/hero.png"], receiving=["a/b.txt", "Ünï/ß.png"]),
+        lock(version=4, expires_at=None),
+        lock_event(),
+        lock_event(kind="expired", by=None, note="gone"),
+        lock_request(),
+        lock_request(local_hash=None, ttl=MAX_TTL, note="n"),
+        unlock_request(force=True),
+        status_request(),
+        lock_reply(outcome="held", ok=False, error="locked", lock=lock(), head_version=3, head_author="carol"),
+        device_record(state="offline", since=1.0, host="box", agent_version="0.2", sending=["x"], receiving=["y"]),
+        status_reply(devices=[device_record()], lock_events=[lock_event(), lock_event(kind="forced", by="alice")]),
     ],
 )
 def test_json_round_trip(msg: BaseModel) -> None:
@@ -285,6 +370,283 @@ def test_chunk_request_fields() -> None:
         request(hashes=["zz"])
     with pytest.raises(ValidationError):
         request(requester="../hub")
+
+
+# -- version vectors -------------------------------------------------------------------------------
+
+
+def test_head_vector_defaults_to_empty() -> None:
+    assert head().vector == {}
+    assert json.loads(encode(head(vector={"bob": 2})))["vector"] == {"bob": 2}
+
+
+def test_head_vector_size_cap() -> None:
+    assert MAX_VECTOR == 256
+    assert len(head(vector={f"d{i}": 1 for i in range(MAX_VECTOR)}).vector) == MAX_VECTOR
+    with pytest.raises(ValidationError):
+        head(vector={f"d{i}": 1 for i in range(MAX_VECTOR + 1)})
+
+
+@pytest.mark.parametrize("device", ["", "a b", "a/b", "+", "#", "..", ".", "x" * 65, "ü", "bob\n"])
+def test_head_vector_keys_are_device_names(device: str) -> None:
+    with pytest.raises(ValidationError):
+        head(vector={device: 1})
+
+
+@pytest.mark.parametrize("version", [0, -1, "x", None, 1.5])
+def test_head_vector_values_are_versions(version: Any) -> None:
+    with pytest.raises(ValidationError):
+        head(vector={"bob": version})
+
+
+def test_head_vector_rejected_in_json_too() -> None:
+    data = json.loads(encode(head()))
+    data["vector"] = {"../hub": 1}
+    with pytest.raises(ValidationError):
+        Head.model_validate_json(json.dumps(data))
+    data["vector"] = ["bob", 1]
+    with pytest.raises(ValidationError):
+        Head.model_validate_json(json.dumps(data))
+
+
+# -- presence activity -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["sending", "receiving"])
+def test_presence_activity_lists(field: str) -> None:
+    assert getattr(presence(), field) == []
+    assert len(getattr(presence(**{field: ["f"] * MAX_ACTIVE_FILES}), field)) == MAX_ACTIVE_FILES
+    with pytest.raises(ValidationError):
+        presence(**{field: ["f"] * (MAX_ACTIVE_FILES + 1)})
+    with pytest.raises(ValidationError):
+        presence(**{field: ["../etc/passwd"]})
+    with pytest.raises(ValidationError):
+        device_record(**{field: ["f"] * (MAX_ACTIVE_FILES + 1)})
+    with pytest.raises(ValidationError):
+        device_record(**{field: ["/abs"]})
+
+
+# -- locks -----------------------------------------------------------------------------------------
+
+
+def test_lock_state_version() -> None:
+    assert lock().version is None
+    assert lock(version=3).version == 3
+    for bad in (0, -1):
+        with pytest.raises(ValidationError):
+            lock(version=bad)
+
+
+def test_lock_event_fields() -> None:
+    ev = lock_event(kind="forced", holder="bob", by="alice")
+    assert ev.kind is LockEventKind.FORCED
+    assert lock_event(by=None).by is None
+    assert {k.value for k in LockEventKind} == {"taken", "renewed", "released", "forced", "expired"}
+    with pytest.raises(ValidationError):
+        lock_event(kind="stolen")
+    with pytest.raises(ValidationError):
+        lock_event(holder="not a name")
+    with pytest.raises(ValidationError):
+        lock_event(note="n" * 501)
+    with pytest.raises(ValidationError):
+        LockEvent(file_id="a", kind="taken", holder="bob")  # type: ignore[call-arg]
+
+
+def test_decode_lock_round_trip() -> None:
+    lk = lock(expires_at=20.0, note="editing", version=2)
+    assert decode_lock("art/hero.png", encode(lk)) == lk
+
+
+def test_decode_lock_empty_payload_is_unlocked() -> None:
+    assert decode_lock("art/hero.png", b"") is None
+
+
+def test_decode_lock_for_the_wrong_file_id() -> None:
+    with pytest.raises(MessageError, match="does not match"):
+        decode_lock("art/other.png", encode(lock()))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{", b"[]", b"null", b'"x"', b"\xff\xfe", b"\x00", b"{}", b'{"file_id": "art/hero.png"}',
+     b'{"file_id": "art/hero.png", "holder": "bob", "acquired_at": 1, "surprise": 1}',
+     b'{"file_id": "art/hero.png", "holder": "b b", "acquired_at": 1}',
+     b'{"file_id": "art/hero.png", "holder": "bob", "acquired_at": 1, "version": 0}'],
+)
+def test_decode_lock_rejects_garbage(payload: bytes) -> None:
+    with pytest.raises(MessageError):
+        decode_lock("art/hero.png", payload)
+
+
+def test_decode_lock_rejects_oversize() -> None:
+    payload = encode(lock()).replace(b'"note":""', b'"note":"' + b" " * MAX_JSON_MESSAGE + b'"')
+    assert len(payload) > MAX_JSON_MESSAGE
+    with pytest.raises(MessageError, match="over the limit"):
+        decode_lock("art/hero.png", payload)
+
+
+def test_message_error_is_a_value_error() -> None:
+    assert issubclass(MessageError, ValueError)
+
+
+# -- hub requests ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ttl", [None, 0.001, 1, 3600.0, MAX_TTL])
+def test_lock_request_ttl_accepted(ttl: float | None) -> None:
+    assert lock_request(ttl=ttl).ttl == ttl
+
+
+@pytest.mark.parametrize("ttl", [0, 0.0, -1, -0.5, MAX_TTL + 1, float("inf"), "soon"])
+def test_lock_request_ttl_rejected(ttl: Any) -> None:
+    with pytest.raises(ValidationError):
+        lock_request(ttl=ttl)
+
+
+def test_lock_request_fields() -> None:
+    assert lock_request().kind == "lock"
+    assert lock_request(local_hash=None).local_hash is None
+    assert lock_request().ttl is None and lock_request().note == ""
+    with pytest.raises(ValidationError):
+        LockRequest(req_id="r1", reply_to=TOKEN, file_id="a", by="bob")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        lock_request(local_hash="nothex")
+    with pytest.raises(ValidationError):
+        lock_request(by="../hub")
+    with pytest.raises(ValidationError):
+        lock_request(reply_to="short")
+    with pytest.raises(ValidationError):
+        lock_request(reply_to="tok/0123456789")
+    with pytest.raises(ValidationError):
+        lock_request(note="n" * 501)
+    with pytest.raises(ValidationError):
+        lock_request(file_id="../x")
+    with pytest.raises(ValidationError):
+        lock_request(kind="unlock")
+
+
+def test_unlock_and_status_request_fields() -> None:
+    assert unlock_request().kind == "unlock"
+    assert unlock_request().force is False
+    assert status_request().kind == "status"
+    with pytest.raises(ValidationError):
+        unlock_request(by="a b")
+    with pytest.raises(ValidationError):
+        status_request(reply_to="x")
+    with pytest.raises(ValidationError):
+        status_request(req_id="")
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        VersionsRequest(req_id="r1", reply_to=TOKEN, file_id="a.txt"),
+        RestoreRequest(req_id="r1", reply_to=TOKEN, file_id="a.txt", version=2, by="bob"),
+        lock_request(ttl=60.0, note="n"),
+        lock_request(local_hash=None),
+        unlock_request(force=True),
+        status_request(),
+    ],
+)
+def test_hub_request_adapter_round_trips_every_request(msg: BaseModel) -> None:
+    again = HUB_REQUEST.validate_json(encode(msg))  # type: ignore[arg-type]
+    assert type(again) is type(msg)
+    assert again == msg
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        VersionsReply(req_id="r1", ok=True, total=1, versions=[
+            VersionEntry(version=1, hash=H1, size=1, author="bob", time=1.0, kind=VersionKind.CONFLICT)]),
+        RestoreReply(req_id="r1", ok=True, version=3),
+        lock_reply(),
+        lock_reply(ok=False, outcome="not_holder", error="no", lock=lock(), head_version=2, head_author="bob"),
+        status_reply(devices=[device_record(sending=["a"])], lock_events=[lock_event(kind="expired", by=None)]),
+        status_reply(ok=False, error="busy"),
+    ],
+)
+def test_hub_reply_adapter_round_trips_every_reply(msg: BaseModel) -> None:
+    again = HUB_REPLY.validate_json(encode(msg))  # type: ignore[arg-type]
+    assert type(again) is type(msg)
+    assert again == msg
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"kind": "steal", "req_id": "r1", "reply_to": TOKEN},
+        {"req_id": "r1", "reply_to": TOKEN},
+        {"kind": "status", "req_id": "r1", "reply_to": TOKEN, "surprise": 1},
+        {"kind": "lock", "req_id": "r1", "reply_to": TOKEN, "file_id": "a", "by": "bob", "local_hash": None,
+         "ttl": 0},
+        {"kind": "lock", "req_id": "r1", "reply_to": TOKEN, "file_id": "a", "by": "bob", "local_hash": None,
+         "ttl": MAX_TTL * 2},
+        {"kind": "unlock", "req_id": "r1", "reply_to": TOKEN, "file_id": "a", "by": "bob", "force": "maybe"},
+    ],
+)
+def test_hub_request_adapter_rejects(data: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        HUB_REQUEST.validate_json(json.dumps(data))
+
+
+@pytest.mark.parametrize("payload", [b"", b"{", b"null", b"\xff", b"[]"])
+def test_hub_adapters_reject_garbage_bytes(payload: bytes) -> None:
+    with pytest.raises(ValidationError):
+        HUB_REQUEST.validate_json(payload)
+    with pytest.raises(ValidationError):
+        HUB_REPLY.validate_json(payload)
+
+
+def test_hub_reply_adapter_rejects() -> None:
+    with pytest.raises(ValidationError):
+        HUB_REPLY.validate_json(json.dumps({"kind": "lock", "req_id": "r1", "ok": True, "outcome": "stolen"}))
+    with pytest.raises(ValidationError):
+        HUB_REPLY.validate_json(json.dumps({"kind": "status", "req_id": "r1", "time": 1.0, "surprise": 1}))
+    with pytest.raises(ValidationError):
+        HUB_REPLY.validate_json(json.dumps({"kind": "status", "req_id": "r1"}))
+
+
+# -- hub replies -----------------------------------------------------------------------------------
+
+
+def test_lock_outcomes() -> None:
+    assert {o.value for o in LockOutcome} == {
+        "granted", "renewed", "held", "stale", "unknown", "released", "forced", "not_locked", "not_holder"}
+    assert lock_reply(outcome="not_locked").outcome is LockOutcome.NOT_LOCKED
+    with pytest.raises(ValidationError):
+        lock_reply(outcome="stolen")
+    with pytest.raises(ValidationError):
+        lock_reply(head_author="a b")
+    with pytest.raises(ValidationError):
+        lock_reply(error="e" * 501)
+
+
+def test_status_reply_caps() -> None:
+    assert len(status_reply(devices=[device_record()] * MAX_STATUS_DEVICES).devices) == MAX_STATUS_DEVICES
+    with pytest.raises(ValidationError):
+        status_reply(devices=[device_record()] * (MAX_STATUS_DEVICES + 1))
+    assert len(status_reply(lock_events=[lock_event()] * MAX_STATUS_EVENTS).lock_events) == MAX_STATUS_EVENTS
+    with pytest.raises(ValidationError):
+        status_reply(lock_events=[lock_event()] * (MAX_STATUS_EVENTS + 1))
+
+
+def test_device_record_fields() -> None:
+    rec = device_record(state="offline")
+    assert rec.state is PresenceState.OFFLINE
+    with pytest.raises(ValidationError):
+        device_record(state="away")
+    with pytest.raises(ValidationError):
+        device_record(device="..")
+    with pytest.raises(ValidationError):
+        device_record(host="h" * 256)
+
+
+def test_version_kind_conflict() -> None:
+    assert VersionKind("conflict") is VersionKind.CONFLICT
+    entry = VersionEntry(version=6, hash=H1, size=1, author="bob", time=1.0, kind="conflict")
+    assert entry.kind is VersionKind.CONFLICT
+    assert json.loads(encode(entry))["kind"] == "conflict"
 
 
 # -- names.py ---------------------------------------------------------------------------------------

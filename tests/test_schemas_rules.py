@@ -116,7 +116,7 @@ def test_next_vector() -> None:
     assert next_vector(mk(5, A), "carol", 6) == {"carol": 6}  # a base without a vector (older agent)
 
 
-# -- relation ------------------------------------------------------------------------------------------
+# -- relation --------------------------------------------------------------------------------------
 
 
 V5 = {"alice": 3, "bob": 5}
@@ -331,7 +331,7 @@ def test_at_startup_our_unchanged_head_losing_a_tie_is_a_conflict() -> None:
     assert at_startup(L, mk(2, L, "alice"), mk(2, B, "bob"), "carol") is Startup.APPLY_REMOTE
 
 
-# -- conflict scenarios: every device converges, only losing authors keep a copy ---------------------------
+# -- conflict scenarios: every device converges, only losing authors keep a copy -------------------
 
 
 V5_HEAD = mk(5, L, "alice", vector={"alice": 5, "bob": 2})
@@ -419,7 +419,7 @@ def test_edit_vs_delete_a_deletion_made_after_the_edit_wins() -> None:
             assert deliver(dev, V5_HEAD, order)[0] == deleted
 
 
-# -- edit while offline vs edit online (at_startup with vectors) -----------------------------------------
+# -- edit while offline vs edit online (at_startup with vectors) -----------------------------------
 
 
 def test_offline_edit_meeting_a_newer_published_version_is_a_conflict() -> None:
@@ -453,7 +453,7 @@ def test_at_startup_synced_head_that_won_a_race_stands() -> None:
     assert at_startup(D, ours, theirs, "alice") is Startup.PUBLISH_LOCAL  # a local edit on top of the winner
 
 
-# -- three devices -------------------------------------------------------------------------------------------
+# -- three devices ---------------------------------------------------------------------------------
 
 
 def test_three_devices_build_on_a_concurrent_version() -> None:
@@ -480,7 +480,6 @@ def test_three_devices_build_on_a_concurrent_version() -> None:
     assert at_startup(A, b6, c7, "bob") is Startup.APPLY_REMOTE
 
 
-@pytest.mark.xfail(strict=True, reason="relation() ignores the parent link when both heads carry vectors")
 def test_identical_concurrent_edits_do_not_make_a_later_edit_a_conflict() -> None:
     """Alice and bob publish the same content as v6 (SAME: both keep their own head); alice then edits
     her v6.  Her v7 is made from exactly the content bob holds (its parent is bob's hash): no edit of
@@ -489,8 +488,8 @@ def test_identical_concurrent_edits_do_not_make_a_later_edit_a_conflict() -> Non
     assert on_remote_head(a6, b6, "bob") is RemoteAction.IGNORE
     a7 = edit(a6, "alice", A)
     assert a7.parent == b6.hash
-    assert on_remote_head(a7, b6, "bob") is RemoteAction.APPLY  # actual: APPLY_KEEP_LOCAL
-    assert at_startup(D, b6, a7, "bob") is Startup.APPLY_REMOTE  # actual: CONFLICT
+    assert on_remote_head(a7, b6, "bob") is RemoteAction.APPLY
+    assert at_startup(D, b6, a7, "bob") is Startup.APPLY_REMOTE
 
 
 @st.composite

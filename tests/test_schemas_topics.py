@@ -13,8 +13,11 @@ from schemas.topics import (
     ParsedTopic,
     TopicError,
     TopicKind,
+    all_conflicts_filter,
     all_heads_filter,
+    all_locks_filter,
     all_presence_filter,
+    conflict_topic,
     device_data_topic,
     device_request_topic,
     file_key,
@@ -46,6 +49,11 @@ def test_lock_topic_exact() -> None:
     assert lock_topic("my-game", "art/hero.png") == "atrius/v1/my-game/files/art%2Fhero.png/lock"
 
 
+def test_conflict_topic_exact() -> None:
+    assert conflict_topic("my-game", "art/hero.png") == "atrius/v1/my-game/files/art%2Fhero.png/conflict"
+    assert conflict_topic("s", "a b/c+d#e.png") == "atrius/v1/s/files/a%20b%2Fc%2Bd%23e.png/conflict"
+
+
 @pytest.mark.parametrize(
     ("file_id", "key"),
     [
@@ -69,6 +77,19 @@ def test_subscription_filters() -> None:
     assert all_presence_filter("my-game") == "atrius/v1/my-game/presence/+"
 
 
+def test_lock_and_conflict_filters() -> None:
+    assert all_locks_filter("my-game") == "atrius/v1/my-game/files/+/lock"
+    assert all_locks_filter() == "atrius/v1/+/files/+/lock"
+    assert all_conflicts_filter("my-game") == "atrius/v1/my-game/files/+/conflict"
+    assert all_conflicts_filter() == "atrius/v1/+/files/+/conflict"
+    # each filter matches its own topic, level for level, and no other kind
+    for make, flt in [(lock_topic, all_locks_filter), (conflict_topic, all_conflicts_filter),
+                      (head_topic, all_heads_filter)]:
+        topic, pattern = make("g", "art/hero.png").split("/"), flt("g").split("/")
+        assert len(topic) == len(pattern)
+        assert all(p in {"+", t} for t, p in zip(topic, pattern, strict=True))
+
+
 def test_reply_topic_names_device_or_hub() -> None:
     assert reply_topic("s", "bob") == device_data_topic("s", "bob")
     assert reply_topic("s", None) == hub_data_topic("s")
@@ -83,6 +104,8 @@ def test_reply_topic_names_device_or_hub() -> None:
         (presence_topic("my-game", "alice-pc"), ParsedTopic(TopicKind.PRESENCE, "my-game", device="alice-pc")),
         (head_topic("my-game", "art/hero.png"), ParsedTopic(TopicKind.HEAD, "my-game", file_id="art/hero.png")),
         (lock_topic("my-game", "art/hero.png"), ParsedTopic(TopicKind.LOCK, "my-game", file_id="art/hero.png")),
+        (conflict_topic("my-game", "art/hero.png"),
+         ParsedTopic(TopicKind.CONFLICT, "my-game", file_id="art/hero.png")),
         (device_request_topic("g", "bob"), ParsedTopic(TopicKind.DEVICE_REQUEST, "g", device="bob")),
         (device_data_topic("g", "bob"), ParsedTopic(TopicKind.DEVICE_DATA, "g", device="bob")),
         (hub_request_topic("g"), ParsedTopic(TopicKind.HUB_REQUEST, "g")),
@@ -96,9 +119,16 @@ def test_parse_round_trips_every_builder(topic: str, expected: ParsedTopic) -> N
 @pytest.mark.parametrize(
     "file_id", ["art/hero.png", "Ünï/ß.png", "a b/c+d#e.png", "100%.txt", "x/y/z/w.bin", "..a/b.."]
 )
-def test_parse_head_and_lock_round_trip_file_ids(file_id: str) -> None:
+def test_parse_head_lock_and_conflict_round_trip_file_ids(file_id: str) -> None:
     assert parse_topic(head_topic("s", file_id)).file_id == file_id
     assert parse_topic(lock_topic("s", file_id)).file_id == file_id
+    assert parse_topic(conflict_topic("s", file_id)).file_id == file_id
+
+
+def test_parse_conflict_topic() -> None:
+    assert parse_topic("atrius/v1/s/files/art%2Fhero.png/conflict") == ParsedTopic(
+        TopicKind.CONFLICT, "s", file_id="art/hero.png")
+    assert TopicKind.CONFLICT.value == "conflict"
 
 
 _name = st.from_regex(r"\A[A-Za-z0-9._-]{1,64}\Z").filter(lambda s: s not in {".", ".."})
@@ -116,6 +146,7 @@ def test_parse_round_trip_property(space: str, device: str, file_id: str) -> Non
     assert parse_topic(presence_topic(space, device)) == ParsedTopic(TopicKind.PRESENCE, space, device=device)
     assert parse_topic(head_topic(space, file_id)) == ParsedTopic(TopicKind.HEAD, space, file_id=file_id)
     assert parse_topic(lock_topic(space, file_id)) == ParsedTopic(TopicKind.LOCK, space, file_id=file_id)
+    assert parse_topic(conflict_topic(space, file_id)) == ParsedTopic(TopicKind.CONFLICT, space, file_id=file_id)
 
 
 # -- hostile and invalid topics ------------------------------------------------------------------
@@ -178,6 +209,19 @@ def test_parse_round_trip_property(space: str, device: str, file_id: str) -> Non
         "atrius/v1/../presence/alice",
         "atrius/v1//presence/alice",
         "atrius/v1/my game/files/a/head",
+        # conflict topics
+        "atrius/v1/s/files/art%2Fhero.png/conflict/extra",
+        "atrius/v1/s/files/conflict",
+        "atrius/v1/s/files/art/hero.png/conflict",
+        "atrius/v1/s/files/art%2fhero.png/conflict",
+        "atrius/v1/s/files/..%2Fetc%2Fpasswd/conflict",
+        "atrius/v1/s/files/%2Fabs/conflict",
+        "atrius/v1/s/files//conflict",
+        "atrius/v1/s/files/+/conflict",
+        "atrius/v1/+/files/a/conflict",
+        "atrius/v1/s/files/a/Conflict",
+        "atrius/v1/s/files/a/conflicts",
+        "atrius/v1/s/conflict/a",
     ],
 )
 def test_parse_rejects_hostile_or_invalid_topics(topic: str) -> None:

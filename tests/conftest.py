@@ -14,6 +14,32 @@ for _path in (str(_TESTS.parent), str(_TESTS)):  # the repo root (for schemas, a
         sys.path.insert(0, _path)
 
 from brokers import MosquittoProc, ServerProc, broker_proc, free_port, require_mosquitto  # noqa: E402
+from e2e import Device, HubNet, MosquittoNet  # noqa: E402
+
+
+@pytest.fixture(params=["hub", "mosquitto"])
+def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubNet | MosquittoNet]:
+    """A space's broker and coordinator: ``atrius hub``, or a private Mosquitto + ``atrius coordinator``."""
+    n: HubNet | MosquittoNet
+    n = HubNet(tmp_path) if request.param == "hub" else MosquittoNet(tmp_path, require_mosquitto())
+    n.start()
+    try:
+        yield n
+    finally:
+        if isinstance(n, MosquittoNet):
+            n.close()
+        else:
+            n.stop()
+
+
+@pytest.fixture
+def devices() -> Iterator[list[Device]]:
+    """Agent devices a test makes; every one still running is stopped afterwards."""
+    made: list[Device] = []
+    yield made
+    for d in made:
+        if d.proc.running:
+            d.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -25,23 +24,6 @@ BIG = 128 << 20
 
 def make_net(kind: str, root: Path) -> HubNet | MosquittoNet:
     return HubNet(root) if kind == "hub" else MosquittoNet(root, require_mosquitto())
-
-
-@pytest.fixture(params=["hub", "mosquitto"])
-def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubNet | MosquittoNet]:
-    n = make_net(request.param, tmp_path)
-    n.start()
-    yield n
-    n.close() if isinstance(n, MosquittoNet) else n.stop()
-
-
-@pytest.fixture
-def devices() -> Iterator[list[Device]]:
-    made: list[Device] = []
-    yield made
-    for d in made:
-        if d.proc.running:
-            d.stop()
 
 
 def _pair(tmp_path: Path, url: str, devices: list[Device]) -> tuple[Device, Device]:

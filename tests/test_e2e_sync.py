@@ -6,13 +6,10 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
 import paho.mqtt.client as paho
-import pytest
-from brokers import require_mosquitto
 from e2e import Device, HubNet, MosquittoNet, content_hash, random_bytes, wait_synced, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -20,29 +17,6 @@ from schemas.topics import device_data_topic, device_request_topic, head_topic, 
 
 FID = "art/hero.png"
 FILES = {FID: "Art/hero.png"}
-
-
-@pytest.fixture(params=["hub", "mosquitto"])
-def net(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubNet | MosquittoNet]:
-    n: HubNet | MosquittoNet
-    n = HubNet(tmp_path) if request.param == "hub" else MosquittoNet(tmp_path, require_mosquitto())
-    n.start()
-    try:
-        yield n
-    finally:
-        if isinstance(n, MosquittoNet):
-            n.close()
-        else:
-            n.stop()
-
-
-@pytest.fixture
-def devices(tmp_path: Path) -> Iterator[list[Device]]:
-    made: list[Device] = []
-    yield made
-    for d in made:
-        if d.proc.running:
-            d.stop()
 
 
 def _pair(tmp_path: Path, net: HubNet | MosquittoNet, devices: list[Device]) -> tuple[Device, Device]:

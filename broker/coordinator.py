@@ -90,6 +90,8 @@ PULL_DELAY = 1.0
 PULL_YIELD_RATE = 50e6
 MAX_PULL_DELAY = 30.0
 GC_INTERVAL = 600.0
+CONFLICT_LOOKBACK = 50
+"""Recent history entries checked for lost conflicts that a new head was built on."""
 LOCK_TICK = 1.0
 """How often lock TTLs are checked."""
 
@@ -115,12 +117,14 @@ class Retention:
         return self.keep_versions is None and self.keep_days is None
 
     def keep(self, records: list[Record], now: float) -> list[Record]:
-        """Records (newest first) to keep; the newest is always kept."""
+        """Records (newest first) to keep; the current version (the newest that is not a conflict
+        loser) is always kept."""
+        current = next((r for r in records if not r.conflict), None)
         kept = []
         for i, rec in enumerate(records):
             young = self.keep_days is None or now - rec.entry.time <= self.keep_days * 86400
             within = self.keep_versions is None or i < self.keep_versions
-            if i == 0 or (young and within):
+            if rec is current or (young and within):
                 kept.append(rec)
         return kept
 
@@ -277,6 +281,8 @@ class Coordinator:
         if cur is not None and cur.hash != head.hash:
             if recorded and relation(head, cur.head) is Relation.CONCURRENT:
                 self._concurrent(space, head, cur)
+            if recorded and head.parent != cur.hash:
+                self._clear_ancestor_conflicts(space, head)
             if not supersedes(head, cur.head) and not cur.conflict:
                 # The broker now retains a head that loses to the one we hold: put the winner back
                 # (its author does too, if online; an offline author cannot).
@@ -295,6 +301,17 @@ class Coordinator:
             log.error("marking %s/%s v%d as a conflict failed: %s", space, head.file_id, lost.version, exc)
         log.warning("%s/%s: concurrent edits: v%d by %s wins over v%d by %s (kept as a conflict copy by %s)",
                     space, head.file_id, won.version, won.author, lost.version, lost.author, lost.author)
+
+    def _clear_ancestor_conflicts(self, space: str, head: Head) -> None:
+        """A version marked as a lost conflict that the new head was built on lives on: unmark it."""
+        try:
+            for rec in self.history.recent_conflicts(space, head.file_id, CONFLICT_LOOKBACK):
+                if relation(head, rec.head) is Relation.DESCENDS:
+                    self.history.mark_conflict(space, head.file_id, rec.version, rec.hash, conflict=False)
+                    log.info("%s/%s: v%d by %s lives on in v%d; no longer a conflict", space, head.file_id,
+                             rec.version, rec.entry.author, head.version)
+        except OSError as exc:
+            log.error("updating the history of %s/%s failed: %s", space, head.file_id, exc)
 
     def _on_conflict(self, space: str, head: Head) -> None:
         """An author's edit that lost before it was published, now a conflict copy on its device."""

@@ -179,13 +179,17 @@ class History:
         self.maybe_flush()
         return True
 
-    def mark_conflict(self, space: str, file_id: str, version: int, digest: str) -> None:
-        """Mark a recorded version as a concurrent edit that lost (it stops being the latest)."""
+    def mark_conflict(self, space: str, file_id: str, version: int, digest: str, *, conflict: bool = True) -> None:
+        """Mark a recorded version as a concurrent edit that lost (it stops being the latest), or
+        with ``conflict=False`` as an ordinary edit again."""
         q = Query()
         n = (version - 1) // BLOCK
         db = self._block(space, file_id, n)
         for doc in db.search((q.version == version) & (q.hash == digest)):
-            db.update({"entry": {**doc["entry"], "kind": VersionKind.CONFLICT.value}}, doc_ids=[doc.doc_id])
+            rec = Record.from_doc(doc)
+            kind = VersionKind.CONFLICT if conflict else (
+                VersionKind.RESTORE if rec.head.restored_from is not None else VersionKind.EDIT)
+            db.update({"entry": {**doc["entry"], "kind": kind.value}}, doc_ids=[doc.doc_id])
         self._dirty.add(self._path(space, file_id, n))
         self._latest.pop((space, file_id), None)
 
@@ -256,6 +260,18 @@ class History:
             if len(out) >= limit:
                 break
         return total, [r.entry for r in out]
+
+    def recent_conflicts(self, space: str, file_id: str, lookback: int) -> list[Record]:
+        """Conflict records among the newest ``lookback`` versions (the last block or two)."""
+        out: list[Record] = []
+        seen = 0
+        for n in reversed(self._blocks(space, file_id)):
+            docs = self._block(space, file_id, n).all()
+            out.extend(r for r in map(Record.from_doc, docs) if r.conflict)
+            seen += len(docs)
+            if seen >= lookback:
+                break
+        return out
 
     def get(self, space: str, file_id: str, version: int) -> Record | None:
         """The winning record of ``version`` (conflict losers last, then the rules' order)."""

@@ -15,7 +15,7 @@ from broker.coordinator import Coordinator, Retention, RetentionPolicy
 from broker.history import Record
 from broker.store import ChunkStore, StoreError
 from schemas.manifest import ChunkRef, blob_hash, encode_pages, inline_page
-from schemas.messages import Head, VersionEntry
+from schemas.messages import Head, VersionEntry, VersionKind
 from schemas.mqtt import BrokerUrl
 
 SPACE = "game"
@@ -226,6 +226,16 @@ def test_retention_keep_days_uses_injected_now() -> None:
 def test_retention_newest_kept_however_old() -> None:
     records = newest_first(3)
     assert versions(Retention(keep_days=1).keep(records, NOW + 365 * DAY)) == [3]
+
+
+def test_retention_keeps_the_current_version_not_a_newer_conflict() -> None:
+    """A conflict notice recorded as v4 (an offline edit that lost) is newer than the current v3."""
+    records = newest_first(3)
+    lost = rec(4, NOW)
+    lost = Record(lost.entry.model_copy(update={"kind": VersionKind.CONFLICT}), lost.head)
+    kept = Retention(keep_versions=1).keep([lost, *records], NOW + DAY)
+    assert versions(kept) == [4, 3]  # the newest record fills the one slot; the current v3 stays anyway
+    assert versions(Retention(keep_days=0.5).keep([lost, *records], NOW + DAY)) == [3]
 
 
 def test_retention_both_limits_and_keep_all() -> None:

@@ -469,3 +469,13 @@ def test_mark_conflict_demotes_the_loser(hist: History) -> None:
     assert hist.latest(SPACE, FID).hash == hx(0xAA)  # type: ignore[union-attr]
     kinds = {e.hash: e.kind for e in hist.page(SPACE, FID, 0, 10)[1]}
     assert kinds[hx(0xBB)] is VersionKind.CONFLICT and kinds[hx(0xAA)] is VersionKind.EDIT
+
+
+def test_a_conflict_can_be_unmarked(hist: History) -> None:
+    hist.record(SPACE, head(1))
+    hist.record(SPACE, head(2, hx(0xAA)), conflict=True)
+    assert [r.hash for r in hist.recent_conflicts(SPACE, FID, 50)] == [hx(0xAA)]
+    hist.mark_conflict(SPACE, FID, 2, hx(0xAA), conflict=False)
+    assert hist.recent_conflicts(SPACE, FID, 50) == []
+    assert hist.latest(SPACE, FID).hash == hx(0xAA)  # type: ignore[union-attr]
+    assert hist.get(SPACE, FID, 2).entry.kind is VersionKind.EDIT  # type: ignore[union-attr]

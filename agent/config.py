@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
@@ -10,8 +11,10 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.ignore import compile_ignore
 from schemas.mqtt import BrokerUrl, BrokerUrlError
 from schemas.names import DeviceName, SpaceName, check_file_id
+from schemas.paths import folder_file_id, split_file_id
 
 
 class ConfigError(Exception):
@@ -45,7 +48,7 @@ class FileSection(_Strict):
 
 
 class FolderSection(_Strict):
-    path: str
+    path: Annotated[str, Field(min_length=1)]
     id: str | None = None
     ignore: list[str] = []
 
@@ -70,6 +73,29 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class FolderEntry:
+    folder_id: str
+    path: Path
+    ignore: tuple[str, ...] = ()
+
+    def file_id(self, path: Path) -> str | None:
+        """The id of a path inside this folder, or None."""
+        try:
+            rel = path.relative_to(self.path)
+        except ValueError:
+            return None
+        if not rel.parts:
+            return None
+        try:
+            return folder_file_id(self.folder_id, rel.as_posix())
+        except ValueError:
+            return None
+
+    def path_of(self, rel: str) -> Path:
+        return self.path.joinpath(*rel.split("/"))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     source: Path
     device: str
@@ -80,6 +106,7 @@ class AgentConfig:
     ca_file: str | None
     state_dir: Path
     files: tuple[FileEntry, ...]
+    folders: tuple[FolderEntry, ...]
     keep_snapshots: int
     settle_ms: int
     rescan_seconds: float
@@ -87,13 +114,32 @@ class AgentConfig:
     def by_id(self, file_id: str) -> FileEntry | None:
         return next((f for f in self.files if f.file_id == file_id), None)
 
+    def folder_of(self, file_id: str) -> tuple[FolderEntry, str] | None:
+        """The folder a file id lies in, and its path relative to that folder."""
+        hit = split_file_id(file_id, [f.folder_id for f in self.folders])
+        if hit is None:
+            return None
+        folder = next(f for f in self.folders if f.folder_id == hit[0])
+        return folder, hit[1]
+
     def resolve(self, name: str) -> FileEntry | None:
-        """A FILE_ID argument: a logical id, or a local path that maps to one."""
+        """A FILE_ID argument: a logical id, or a local path that maps to one (files inside a
+        listed folder included)."""
         entry = self.by_id(name)
         if entry is not None:
             return entry
+        inside = self.folder_of(name)
+        if inside is not None:
+            return FileEntry(name, inside[0].path_of(inside[1]))
         p = Path(os.path.normpath(Path(name).expanduser().absolute()))
-        return next((f for f in self.files if f.path == p), None)
+        entry = next((f for f in self.files if f.path == p), None)
+        if entry is not None:
+            return entry
+        for folder in self.folders:
+            file_id = folder.file_id(p)
+            if file_id is not None:
+                return FileEntry(file_id, p)
+        return None
 
 
 def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
@@ -162,12 +208,11 @@ def _build(src: Path, s: AgentSection, lines: dict[tuple[Any, ...], int]) -> Age
     def fail(loc: tuple[Any, ...], msg: str) -> ConfigError:
         return ConfigError(f"{src}:line {_line_of(loc, lines)}: {_key_name(loc)}: {msg}")
 
-    if s.folders:
-        raise fail(("folders",), "folders are not supported yet in this release; list files under 'files:'")
     if s.encryption_key_file is not None:
         raise fail(("encryption_key_file",), "end-to-end encryption is not supported yet in this release")
-    if not s.files:
-        raise fail(("files",), "list at least one file to sync")
+    if not s.files and not s.folders:
+        raise fail(("files",), "list at least one file (under 'files:') or folder (under 'folders:') to sync")
+    folders = _folders(s, base, fail)
     password = s.broker.password
     if s.broker.password_env is not None:
         if password is not None:
@@ -193,7 +238,14 @@ def _build(src: Path, s: AgentSection, lines: dict[tuple[Any, ...], int]) -> Age
         if full in seen_paths:
             raise fail(("files", i, "path"), f"{full} is listed twice (first as files[{seen_paths[full]}])")
         if full.is_dir():
-            raise fail(("files", i, "path"), f"{full} is a folder; list folders under 'folders:' (coming later)")
+            raise fail(("files", i, "path"), f"{full} is a folder; list folders under 'folders:'")
+        for folder in folders:
+            if folder.path in full.parents:
+                raise fail(("files", i, "path"), f"{full} is inside the folder {folder.folder_id!r}, "
+                                                 "which syncs it already")
+            if file_id.startswith(folder.folder_id + "/"):
+                raise fail(("files", i, "id" if f.id is not None else "path"),
+                           f"file id {file_id!r} lies inside the id of folder {folder.folder_id!r}")
         seen_ids[file_id] = i
         seen_paths[full] = i
         entries.append(FileEntry(file_id, full))
@@ -212,7 +264,40 @@ def _build(src: Path, s: AgentSection, lines: dict[tuple[Any, ...], int]) -> Age
         ca_file=ca,
         state_dir=state_dir,
         files=tuple(entries),
+        folders=tuple(folders),
         keep_snapshots=s.keep_snapshots,
         settle_ms=s.settle_ms,
         rescan_seconds=s.rescan_seconds,
     )
+
+
+def _folders(s: AgentSection, base: Path, fail: Callable[[tuple[Any, ...], str], ConfigError]) -> list[FolderEntry]:
+    out: list[FolderEntry] = []
+    for i, f in enumerate(s.folders):
+        p = Path(f.path).expanduser()
+        full = Path(os.path.normpath((p if p.is_absolute() else base / p).absolute()))
+        if f.id is None and p.is_absolute():
+            raise fail(("folders", i, "path"), "an absolute path needs an explicit 'id'")
+        folder_id = f.id if f.id is not None else PurePosixPath(Path(f.path)).as_posix().strip("/")
+        try:
+            check_file_id(folder_id)
+        except ValueError as exc:
+            raise fail(("folders", i, "id" if f.id is not None else "path"), str(exc)) from exc
+        if full.exists() and not full.is_dir():
+            raise fail(("folders", i, "path"), f"{full} is a file; list single files under 'files:'")
+        if full.is_symlink():
+            raise fail(("folders", i, "path"), f"{full} is a symbolic link; give the real folder")
+        for j, other in enumerate(out):
+            if other.folder_id == folder_id:
+                raise fail(("folders", i), f"folder id {folder_id!r} is listed twice (first as folders[{j}])")
+            if folder_id.startswith(other.folder_id + "/") or other.folder_id.startswith(folder_id + "/"):
+                raise fail(("folders", i, "id"), f"folder id {folder_id!r} overlaps folder id {other.folder_id!r}")
+            if full == other.path or other.path in full.parents or full in other.path.parents:
+                raise fail(("folders", i, "path"), f"{full} overlaps folders[{j}] ({other.path})")
+        for k, pattern in enumerate(f.ignore):
+            try:
+                compile_ignore([pattern])
+            except ValueError as exc:
+                raise fail(("folders", i, "ignore", k), f"bad ignore pattern {pattern!r}: {exc}") from exc
+        out.append(FolderEntry(folder_id, full, tuple(f.ignore)))
+    return out

@@ -51,6 +51,16 @@ class Presence(Model):
     """Files this device is fetching a version of right now."""
 
 
+EMPTY_HASH = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+"""BLAKE3 of no bytes: the hash of an empty file, a folder entry and a deletion."""
+
+
+class EntryKind(enum.StrEnum):
+    FILE = "file"
+    DIR = "dir"
+    """A folder inside a synced folder (so empty folders, and their removal, are synced too)."""
+
+
 class Head(Model):
     """Retained on ``files/{key}/head``: the current version of one file.
 
@@ -75,13 +85,22 @@ class Head(Model):
     vector: Annotated[dict[DeviceName, Annotated[int, Field(ge=1)]], Field(max_length=MAX_VECTOR)] = {}
     """Version vector: for each device that edited this lineage, the version number of its last edit.
     Ancestry is decided by it (:func:`schemas.rules.relation`); ``parent`` is the fallback."""
+    kind: EntryKind = EntryKind.FILE
+    moved_from: FileId | None = None
+    """On a file that appeared by a rename: the id it had (receivers holding that content rename it)."""
+    moved_to: FileId | None = None
+    """On the deletion left by a rename: the id the content moved to."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Head:
         if self.inline_manifest is not None and len(self.manifest) != 1:
             raise ValueError("inline_manifest requires exactly one manifest page")
-        if self.deleted and (self.chunks or self.manifest):
-            raise ValueError("a deleted head carries no chunks")
+        if self.deleted and (self.chunks or self.manifest or self.size):
+            raise ValueError("a deleted head carries no content")
+        if self.kind is EntryKind.DIR and (self.chunks or self.manifest or self.size or self.hash != EMPTY_HASH):
+            raise ValueError("a folder entry carries no content")
+        if self.moved_to is not None and not self.deleted:
+            raise ValueError("moved_to is only set on the deletion a rename leaves")
         if not self.deleted and (self.chunks == 0) != (self.size == 0):
             raise ValueError("chunks and size disagree")
         if self.chunks and not self.manifest:

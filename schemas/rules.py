@@ -112,32 +112,44 @@ class Startup(enum.Enum):
     """Both sides changed (or first run with different content): keep local as a conflict copy, apply."""
 
 
+def content_of(head: Head | None) -> str | None:
+    """What a head says the path holds: the content hash, or None for a deletion (or no head)."""
+    return None if head is None or head.deleted else head.hash
+
+
 def at_startup(local_hash: str | None, synced: Head | None, remote: Head | None, me: str = "") -> Startup:
-    """Reconcile one file at start-up (and after each reconnect) from the local content, the last
-    synced head and the retained head.
+    """Reconcile one path at start-up (and after each reconnect) from the local content (None:
+    no file), the last synced head and the retained head.  A deletion is a head like any other.
 
     An edit made here while offline that meets a newer published version is a conflict: the
     published version wins (others may already hold or build on it) and the local edit is kept as
     a conflict copy.  Our own published version that lost to a concurrent one meanwhile, likewise.
+    An edit beats a deletion, on either side.
     """
-    if remote is None or remote.deleted:
+    if remote is None:
         return Startup.NOTHING if local_hash is None else Startup.PUBLISH_LOCAL
-    if local_hash is None:
-        return Startup.APPLY_REMOTE
-    if local_hash == remote.hash:
+    theirs = content_of(remote)
+    if local_hash == theirs:
         return Startup.IN_SYNC
     if synced is None:
-        return Startup.CONFLICT
+        if local_hash is None:
+            return Startup.APPLY_REMOTE
+        return Startup.PUBLISH_LOCAL if remote.deleted else Startup.CONFLICT
     if not supersedes(remote, synced):
         # The broker holds an older (or losing) head than the one we synced: ours stands, and a
-        # local edit made on top of it is a new version.
+        # local change made on top of it is a new version.
         return Startup.PUBLISH_LOCAL
-    if synced.hash == local_hash:
+    ours = content_of(synced)
+    if local_hash == ours:
         # Unchanged here since the last sync: take the newer head, keeping ours if it lost a race.
-        lost = relation(remote, synced) is Relation.CONCURRENT and synced.author == me
+        lost = local_hash is not None and synced.author == me and relation(remote, synced) is Relation.CONCURRENT
         return Startup.CONFLICT if lost else Startup.APPLY_REMOTE
-    if remote.hash == synced.hash:
-        return Startup.PUBLISH_LOCAL
+    if theirs == ours:
+        return Startup.PUBLISH_LOCAL  # changed (or deleted) here only
+    if local_hash is None:
+        return Startup.APPLY_REMOTE  # deleted here, edited there: the edit wins
+    if remote.deleted:
+        return Startup.PUBLISH_LOCAL  # edited here, deleted there: the edit wins
     return Startup.CONFLICT
 
 

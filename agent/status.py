@@ -185,7 +185,8 @@ def _device_rows(got: _Collected, registry: dict[str, DeviceRecord], now: float)
     for name in sorted(set(got.presence) | set(registry)):
         p, r = got.presence.get(name), registry.get(name)
         src = p or r
-        state = src.state if src is not None else PresenceState.OFFLINE
+        # The coordinator compares epochs; the broker's retained message may be a stale Last Will.
+        state = r.state if r is not None else (p.state if p is not None else PresenceState.OFFLINE)
         online = state is PresenceState.ONLINE
         rows.append(DeviceRow(
             device=name, state=state.value, host=src.host if src else "",

@@ -557,6 +557,7 @@ class Engine:
         self._activity_shown: tuple[list[str], list[str]] = ([], [])
         self._activity_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
         self.session: MqttSession
         self.exchange: BlobExchange
 
@@ -741,10 +742,30 @@ class Engine:
             log.warning("dropped %s", exc)
             return
         current = self.presence.get(device)
+        if device == self.cfg.device:
+            self._check_own_presence(p)
         if presence_is_current(p, current):
             if current is None or current.state is not p.state:
                 log.info("device %s is %s", device, p.state.value)
             self.presence[device] = p
+
+    def _check_own_presence(self, p: Presence) -> None:
+        """The broker must hold this session's "online": put it back over anything else there
+        (a stale Last Will of an earlier session, or a message from another client)."""
+        with self._epoch_lock:
+            epoch = self._epoch
+        if self._stopping or not self.session.connected:
+            return
+        if p.epoch == epoch and p.state is PresenceState.OFFLINE:
+            # "Offline" for this very session, which is connected: not ours.  At the same epoch
+            # offline wins everywhere, so only a new session (new epoch, new will) can undo it.
+            log.warning("another client published this device as offline; reconnecting with a new epoch")
+            self.session.drop_connection()
+        elif p.epoch < epoch:
+            log.warning("the broker held a stale presence for this device (%s, epoch %d); re-publishing",
+                        p.state.value, p.epoch)
+            self.session.publish(presence_topic(self.cfg.space, self.cfg.device),
+                                 self._presence(PresenceState.ONLINE, epoch), retain=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -775,6 +796,7 @@ class Engine:
         try:
             await stop.wait()
         finally:
+            self._stopping = True
             for r in runners:
                 r.cancel()
             await asyncio.gather(*runners, return_exceptions=True)

@@ -218,6 +218,14 @@ class MqttSession:
         """Outgoing QoS 1 messages not yet acknowledged by the broker (pacing, not delivery)."""
         return len(self._client._out_messages)
 
+    def drop_connection(self) -> None:
+        """Break the connection as a network failure would: the broker publishes the will and the
+        session reconnects (with a new will from ``on_pre_connect``)."""
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     async def stop(self, final: list[tuple[str, bytes]] | None = None, timeout: float = 2.0) -> None:
         """Publish ``final`` retained messages (e.g. presence offline), then disconnect cleanly."""
         self._stopping = True

@@ -26,7 +26,7 @@ BUILTIN_IGNORES: tuple[str, ...] = (
 )
 
 
-def compile_ignore(patterns: Iterable[str]) -> pathspec.PathSpec:
+def compile_ignore(patterns: Iterable[str]) -> pathspec.GitIgnoreSpec:
     """A matcher for gitignore-style patterns; ValueError for a pattern it cannot read."""
     try:
         return pathspec.GitIgnoreSpec.from_lines(list(patterns))

@@ -66,6 +66,10 @@ class AgentState:
         self._file = root / "state.json"
         self.epoch = 0
         self.synced: dict[str, Head] = {}
+        self.stats: dict[str, tuple[int, int, int, str]] = {}
+        """Hash cache: (size, mtime_ns, inode, content hash) of each file when it was last hashed."""
+        self.dirty = False
+        """Changes not yet on disk (see :meth:`save_if_dirty`)."""
         self.locked_modes: dict[str, int] = {}
         """Original permission bits of files made read-only because another device holds their lock."""
         self._load()
@@ -81,6 +85,8 @@ class AgentState:
             for fid, head in raw.get("synced", {}).items():
                 self.synced[fid] = Head.model_validate(head)
             self.locked_modes = {str(k): int(v) & 0o7777 for k, v in raw.get("locked_modes", {}).items()}
+            self.stats = {str(k): (int(v[0]), int(v[1]), int(v[2]), str(v[3]))
+                          for k, v in raw.get("stats", {}).items()}
         except (OSError, ValueError, TypeError, ValidationError) as exc:
             bad = self._file.with_suffix(f".corrupt-{int(time.time())}")
             log.error("state file %s is unreadable (%s); moved to %s and starting fresh", self._file, exc, bad)
@@ -89,8 +95,30 @@ class AgentState:
 
     def save(self) -> None:
         data = {"epoch": self.epoch, "synced": {k: v.model_dump(mode="json") for k, v in self.synced.items()},
-                "locked_modes": self.locked_modes}
-        write_atomic(self._file, json.dumps(data, indent=1).encode())
+                "locked_modes": self.locked_modes, "stats": self.stats}
+        write_atomic(self._file, json.dumps(data, separators=(",", ":")).encode())
+        self.dirty = False
+
+    def save_if_dirty(self) -> None:
+        """Synced heads and the hash cache are saved in batches (by the engine, every half second
+        and at stop): a crash loses at most that much, which the start-up reconcile makes good by
+        comparing content hashes."""
+        if self.dirty:
+            self.save()
+
+    def set_stat(self, file_id: str, st: tuple[int, int, int] | None, digest: str | None) -> None:
+        if st is None or digest is None:
+            if self.stats.pop(file_id, None) is not None:
+                self.dirty = True
+            return
+        entry = (*st, digest)
+        if self.stats.get(file_id) != entry:
+            self.stats[file_id] = entry
+            self.dirty = True
+
+    def cached_hash(self, file_id: str, st: tuple[int, int, int]) -> str | None:
+        entry = self.stats.get(file_id)
+        return entry[3] if entry is not None and entry[:3] == st else None
 
     def next_epoch(self) -> int:
         self.epoch = max(self.epoch + 1, 1)
@@ -107,7 +135,7 @@ class AgentState:
 
     def set_synced(self, head: Head) -> None:
         self.synced[head.file_id] = head
-        self.save()
+        self.dirty = True
 
     # -- manifest pages (small blobs this device authored or fetched) ----------------------
     def put_blob(self, digest: str, data: bytes | memoryview) -> None:

@@ -24,6 +24,7 @@ from agent import __version__
 from agent.apply import Assembly, ContentMismatch, remove_stale_temps
 from agent.chunker import FileChanged, FileStat, Scan, hash_file, scan_file, stat_of
 from agent.config import AgentConfig, FileEntry
+from agent.folder import FolderTask, UnsafePath
 from agent.state import AgentState
 from agent.watcher import QUICK_MS, Watcher
 from schemas.exchange import HUB, BlobExchange, FetchAborted, FetchFailed, device_provider
@@ -38,7 +39,9 @@ from schemas.manifest import (
     inline_page,
 )
 from schemas.messages import (
+    EMPTY_HASH,
     MAX_ACTIVE_FILES,
+    EntryKind,
     Head,
     LockState,
     MessageError,
@@ -54,6 +57,7 @@ from schemas.rules import (
     RemoteAction,
     Startup,
     at_startup,
+    content_of,
     next_vector,
     next_version,
     on_remote_head,
@@ -62,6 +66,8 @@ from schemas.rules import (
 from schemas.topics import (
     TopicError,
     TopicKind,
+    all_heads_filter,
+    all_locks_filter,
     all_presence_filter,
     conflict_topic,
     device_data_topic,
@@ -86,6 +92,10 @@ ACTIVITY_DELAY = 0.2
 SENDING_HOLD = 2.0
 """A file counts as "sending" for this long after its last chunk was served."""
 MAX_CONFLICT_SOURCES = 16
+MAX_PARALLEL_APPLIES = 16
+"""Files fetched at once: enough to fill the pipe with small files, few enough for the brokers'
+per-client queues (Mosquitto drops past max_queued_messages)."""
+STATE_SAVE_INTERVAL = 0.5
 WRITE_BITS = 0o222
 
 
@@ -138,6 +148,13 @@ class FileTask:
         self._lock_timer: asyncio.TimerHandle | None = None
         self.lock_conn = -1
         self.last_scan: Scan | None = None
+        self.folder: FolderTask | None = None
+        self.rel = ""
+        self._missing_seen = False
+        self.expect_gone = False
+        """Its content was moved away by an applied rename: its own deletion is on the way."""
+        self._move_src: FileTask | None = None
+        self._delete_req: tuple[str | None] | None = None
 
     # -- hints from other owners (run on the loop, never block) -----------------------------
     def hint_local(self, quick: bool) -> None:
@@ -174,6 +191,34 @@ class FileTask:
     def on_reconnected(self) -> None:
         self.reconcile_due = True
         self.dirty = True
+        self.wake.set()
+
+    # -- requests from the folder owner -------------------------------------------------------
+    def observe(self, st: FileStat, digest: str) -> None:
+        """The folder hashed the file: record what is on disk (index from the manifest if synced)."""
+        if self.local_hash != digest or self.index_stat != st:
+            self.local_hash = digest
+            self.index_stat = st
+            self.index = self._index_of(self.known) if digest == content_of(self.known) else {}
+            self.engine.state.set_stat(self.entry.file_id, (st.size, st.mtime_ns, st.inode), digest)
+            self.engine.register_chunks(self)
+
+    def vanished(self) -> bool:
+        """The synced content is gone from disk (and not because we moved it for a rename)."""
+        return (self.known is not None and not self.known.deleted and not self.expect_gone
+                and self._move_src is None and self._delete_req is None and stat_of(self.entry.path) is None)
+
+    def mark_dirty(self) -> None:
+        self.dirty = True
+        self.wake.set()
+
+    def request_move(self, src: FileTask) -> None:
+        self._move_src = src
+        src.expect_gone = True
+        self.wake.set()
+
+    def request_delete(self, moved_to: str | None) -> None:
+        self._delete_req = (moved_to,)
         self.wake.set()
 
     # -- locks -------------------------------------------------------------------------------
@@ -256,6 +301,13 @@ class FileTask:
                 return
             self.reconcile_due = False
             await self._reconcile()
+        if self._move_src is not None:
+            src, self._move_src = self._move_src, None
+            self._publish_moved(src)
+            src.request_delete(self.entry.file_id)
+        if self._delete_req is not None:
+            (moved_to,), self._delete_req = self._delete_req, None
+            await self.publish_deletion(moved_to)
         if self.remote is not None:
             action = on_remote_head(self.remote, self.known, eng.cfg.device)
             if action in (RemoteAction.APPLY, RemoteAction.APPLY_KEEP_LOCAL):
@@ -271,7 +323,7 @@ class FileTask:
 
     async def _reconcile(self) -> None:
         """At start-up and after each reconnect: compare local, last synced and retained head."""
-        await self._rescan()
+        await self._observe()
         conn = self.engine.session.connect_count
         if self.lock_conn != conn and self._lock_timer is None:
             self.set_lock(None)  # no retained lock arrived: it was released (or never taken)
@@ -286,10 +338,50 @@ class FileTask:
         elif decision is Startup.CONFLICT and remote is not None:
             await self._apply(remote, keep_local=True)
         elif decision is Startup.PUBLISH_LOCAL:
-            if self.known is not None and self.known.hash == self.local_hash:
+            if self.known is not None and content_of(self.known) == self.local_hash:
                 self._announce(self.known)
+            elif self.folder is not None and (self.local_hash is None or content_of(self.known) is None):
+                self.folder.hint_rel(self.rel)  # a new or vanished file: the folder pairs renames
             else:
                 await self._check_local()
+
+    async def _observe(self) -> None:
+        """What is on disk now, cheaply: a file whose (size, mtime_ns, inode) match the hash cache is
+        not read again (its chunk index comes from the synced manifest); anything else is scanned."""
+        path = self.entry.path
+        st = stat_of(path)
+        if st is None:
+            self.index, self.index_stat, self.local_hash = {}, None, None
+            return
+        cached = self.engine.state.cached_hash(self.entry.file_id, (st.size, st.mtime_ns, st.inode))
+        if cached is not None and cached == content_of(self.known):
+            index = self._index_of(self.known)
+            if index or self.known is None or self.known.size == 0:
+                self.index, self.index_stat, self.local_hash = index, st, cached
+                self.engine.register_chunks(self)
+                return
+        await self._rescan()
+
+    def _index_of(self, head: Head | None) -> dict[str, tuple[int, int]]:
+        """The chunk index of a head's content from its manifest, without reading the file."""
+        if head is None or head.deleted or head.size == 0:
+            return {}
+        entries: list[ChunkRef] = []
+        for d in head.manifest:
+            page = decode_inline(head.inline_manifest, d) if head.inline_manifest is not None else (
+                self.engine.state.get_blob(d))
+            if page is None:
+                return {}
+            try:
+                entries.extend(decode_page(page))
+            except ManifestError:
+                return {}
+        index: dict[str, tuple[int, int]] = {}
+        off = 0
+        for c in entries:
+            index.setdefault(c.hash, (off, c.length))
+            off += c.length
+        return index
 
     async def _rescan(self, *, wait: bool = True) -> Scan | None:
         """Scan the local file.  If it changes while being read: with ``wait``, scan again after the
@@ -314,6 +406,9 @@ class FileTask:
             self._index_from(scan.chunks, scan.stat)
             self.local_hash = scan.hash
             self.last_scan = scan
+            st = scan.stat
+            self.engine.state.set_stat(self.entry.file_id, (st.size, st.mtime_ns, st.inode), scan.hash)
+            self.engine.register_chunks(self)
             return scan
 
     async def _unchanged(self, digest: str) -> bool:
@@ -344,12 +439,19 @@ class FileTask:
     async def _check_local(self) -> None:
         path = self.entry.path
         if stat_of(path) is None:
-            if not self._missing_logged and self.known is not None:
-                log.warning("%s: %s is missing locally; deletions of listed files are not synced yet",
-                            self.entry.file_id, path)
-                self._missing_logged = True
+            if self.known is None or self.known.deleted or self.expect_gone:
+                return
+            if self.folder is not None:
+                self.folder.hint_rel(self.rel)  # the folder decides: a deletion, or half of a rename
+                return
+            if not self._missing_seen:  # an editor may be replacing it: look again after the settle time
+                self._missing_seen = True
+                self.hint_local(quick=False)
+                return
+            self._missing_seen = False
+            await self.publish_deletion(None)
             return
-        self._missing_logged = False
+        self._missing_seen = False
         if self.known is not None and self.local_hash == self.known.hash and await self._unchanged(self.known.hash):
             return  # e.g. the watch event of our own apply: hashed, not chunked again
         scan = await self._rescan(wait=False)
@@ -363,12 +465,58 @@ class FileTask:
             return
         pages = encode_pages(scan.chunks)
         digests = [blob_hash(p) for p in pages]
-        for d, p in zip(digests, pages, strict=True):
-            self.engine.state.put_blob(d, p)
+        if inline_page(pages, len(scan.chunks)) is None:  # (an inline page travels in the head itself)
+            for d, p in zip(digests, pages, strict=True):
+                self.engine.state.put_blob(d, p)
         head = self._head_of(scan, next_version(self.known, self.remote), pages, digests)
         self._set_known(head)
         self._announce(head)
         log.info("%s: published v%d (%s, %d chunks)", head.file_id, head.version, _size(head.size), head.chunks)
+
+    async def publish_deletion(self, moved_to: str | None) -> None:
+        """The file is gone here: publish a deletion (receivers keep their copy in snapshots)."""
+        known = self.known
+        if known is None or known.deleted or stat_of(self.entry.path) is not None:
+            return
+        if self.locked_by_other() and self.lock is not None and moved_to is None:
+            log.warning("%s: deleted while %s holds the lock; the deletion is not published and the file "
+                        "comes back", self.entry.file_id, self.lock.holder)
+            await self._apply(known, keep_local=False, record=False)
+            return
+        if not self.engine.session.connected:
+            self.dirty = True
+            return
+        me = self.engine.cfg.device
+        version = next_version(known, self.remote)
+        head = Head(file_id=self.entry.file_id, hash=EMPTY_HASH, size=0, version=version, author=me,
+                    time=time.time(), parent=known.hash, deleted=True, vector=next_vector(known, me, version),
+                    kind=known.kind, moved_to=moved_to)
+        self.index, self.index_stat, self.local_hash = {}, None, None
+        self.expect_gone = False
+        self.engine.state.set_stat(self.entry.file_id, None, None)
+        self._set_known(head)
+        self._announce(head)
+        if moved_to is None:
+            log.info("%s: published deletion (v%d)", head.file_id, version)
+
+    def _publish_moved(self, src: FileTask) -> None:
+        """This new path holds exactly the content ``src`` had: publish it as a move, no data sent."""
+        content = src.known
+        if content is None or content.deleted or not self.engine.session.connected:
+            self.dirty = True
+            return
+        me = self.engine.cfg.device
+        version = next_version(self.known, self.remote)
+        head = content.model_copy(update={
+            "file_id": self.entry.file_id, "version": version, "author": me, "time": time.time(),
+            "parent": self.known.hash if self.known else None, "vector": next_vector(self.known, me, version),
+            "moved_from": src.entry.file_id, "moved_to": None, "restored_from": None, "deleted": False})
+        if not self.index:
+            self.index = dict(src.index) or self._index_of(content)
+        self.engine.register_chunks(self)
+        self._set_known(head)
+        self._announce(head)
+        log.info("%s: published v%d, moved from %s", head.file_id, version, src.entry.file_id)
 
     def _head_of(self, scan: Scan, version: int, pages: list[bytes], digests: list[str]) -> Head:
         """A new version made here from the last synced one."""
@@ -398,10 +546,24 @@ class FileTask:
         """Fetch, verify and apply ``head``.  ``keep_local``: keep the local content as a conflict
         copy first; ``record``: report local content that was never published to the coordinator."""
         fid = self.entry.file_id
+        if self.folder is not None:
+            try:
+                self.folder.check_target(self.rel)
+            except UnsafePath as exc:
+                if head.hash not in self.bad_heads:
+                    log.warning("%s: v%d from %s not applied: %s", fid, head.version, head.author, exc)
+                self.bad_heads.add(head.hash)
+                return
         if head.deleted:
-            log.warning("%s: v%d from %s is a deletion; deletions are not applied yet", fid, head.version, head.author)
-            self.bad_heads.add(head.hash)
+            await self._apply_deletion(head)
             return
+        if head.moved_from is not None and await self._apply_move(head):
+            return
+        async with self.engine.apply_slots:
+            await self._fetch_and_swap(head, keep_local, record)
+
+    async def _fetch_and_swap(self, head: Head, keep_local: bool, record: bool) -> None:
+        fid = self.entry.file_id
         t0 = time.perf_counter()
         self._applying = head
         self.engine.note_receiving(fid, True)
@@ -413,11 +575,16 @@ class FileTask:
                 self.bad_heads.add(head.hash)
                 return
             path = self.entry.path
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if self.folder is not None:
+                await asyncio.to_thread(self.folder.make_dirs, self.rel)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
             asm = await asyncio.to_thread(Assembly, self.engine.state.partial_dir, path, fid, head.hash,
                                           head.size, entries)
             try:
                 needed = await asyncio.to_thread(asm.copy_local, path, self.index)
+                for src_path, src_index in self.engine.sources_for(needed, self):
+                    needed = await asyncio.to_thread(asm.copy_local, src_path, src_index)
                 reused = len(asm.where) - len(needed) - asm.resumed
                 if needed:
                     order = [e.hash for e in entries if e.hash in needed]
@@ -449,6 +616,78 @@ class FileTask:
         log.info("%s: applied v%d from %s (%s; %d chunks fetched, %d reused, %d resumed) in %.0f ms",
                  fid, head.version, head.author, _size(head.size), len(needed), reused, asm.resumed, ms)
 
+    async def _apply_deletion(self, head: Head) -> None:
+        """Another device deleted the file: move the local copy into the snapshots (never a hard
+        delete).  An edit made here that was not published yet wins over the deletion."""
+        eng = self.engine
+        async with eng.moves:  # (a rename's other half may be taking this very file)
+            await self._apply_deletion_locked(head)
+        if self.folder is not None:
+            self.folder.after_removal(self.rel)
+
+    async def _apply_deletion_locked(self, head: Head) -> None:
+        fid, path, eng = self.entry.file_id, self.entry.path, self.engine
+        st = stat_of(path)
+        if st is not None and (self.local_hash is None or st != self.index_stat):
+            await self._rescan()
+        if st is not None and self.local_hash is not None and self.local_hash != content_of(self.known):
+            log.warning("%s: deleted by %s, but edited here since; the edit wins and is published", fid, head.author)
+            self._set_known(head)
+            self.dirty = True
+            return
+        if st is not None:
+            label = f"v{self.known.version}-deleted-by-{head.author}" if self.known else "deleted"
+            snap = await asyncio.to_thread(eng.state.snapshot, fid, path, label, max(eng.cfg.keep_snapshots, 1))
+            if snap is not None and self.index:
+                eng.add_conflict_source(snap, dict(self.index))  # a rename's other half may want these chunks
+            try:
+                await asyncio.to_thread(_unlink_durably, path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise ScanError(f"removing {path}: {exc.strerror or exc}") from exc
+            log.info("%s: deleted by %s (v%d); the local copy is kept in the snapshots", fid, head.author,
+                     head.version)
+        self.index, self.index_stat, self.local_hash = {}, None, None
+        eng.state.set_stat(fid, None, None)
+        self.expect_gone = False
+        self._set_known(head)
+
+    async def _apply_move(self, head: Head) -> bool:
+        """A file renamed on another device: rename the local copy too if it holds that content."""
+        async with self.engine.moves:
+            return await self._apply_move_locked(head)
+
+    async def _apply_move_locked(self, head: Head) -> bool:
+        src = self.engine.tasks.get(head.moved_from or "")
+        path = self.entry.path
+        if (src is None or src is self or src.local_hash != head.hash or stat_of(path) is not None
+                or stat_of(src.entry.path) != src.index_stat or src.locked_by_other()):
+            return False
+        try:
+            if self.folder is not None:
+                await asyncio.to_thread(self.folder.make_dirs, self.rel)
+            await asyncio.to_thread(_rename_durably, src.entry.path, path)
+        except (OSError, UnsafePath) as exc:
+            log.warning("%s: renaming from %s failed (%s); fetching the content instead", self.entry.file_id,
+                        src.entry.file_id, exc)
+            return False
+        self.index, self.index_stat, self.local_hash = dict(src.index), stat_of(path), head.hash
+        src.index, src.index_stat, src.local_hash = {}, None, None
+        src.expect_gone = True
+        st = self.index_stat
+        if st is not None:
+            self.engine.state.set_stat(self.entry.file_id, (st.size, st.mtime_ns, st.inode), head.hash)
+        self.engine.state.set_stat(src.entry.file_id, None, None)
+        self.engine.register_chunks(self)
+        self._set_known(head)
+        self.enforce_mode()
+        log.info("%s: renamed from %s (v%d by %s), no data transferred", self.entry.file_id, src.entry.file_id,
+                 head.version, head.author)
+        if src.folder is not None:
+            src.folder.after_removal(src.rel)
+        return True
+
     def _providers_for(self, head: Head) -> Callable[[], list[str]]:
         return lambda: self.engine.providers(head.author, hub_first=head.restored_from is not None)
 
@@ -474,7 +713,8 @@ class FileTask:
         entries: list[ChunkRef] = []
         for d in head.manifest:
             entries.extend(decode_page(pages[d]))
-            self.engine.state.put_blob(d, pages[d])
+            if head.inline_manifest is None:
+                self.engine.state.put_blob(d, pages[d])
         if len(entries) != head.chunks or sum(e.length for e in entries) != head.size:
             raise ManifestError("chunk count or total size disagrees with the head")
         return entries
@@ -499,6 +739,10 @@ class FileTask:
         entries_index = {d: (offs[0], asm.lengths[d]) for d, offs in asm.where.items()}
         self.index, self.index_stat, self.local_hash = entries_index, stat_of(path), head.hash
         self.last_scan = None
+        st = self.index_stat
+        if st is not None:
+            eng.state.set_stat(head.file_id, (st.size, st.mtime_ns, st.inode), head.hash)
+        eng.register_chunks(self)
         self._set_known(head)
         self.enforce_mode()
 
@@ -527,6 +771,28 @@ class FileTask:
         base = self.known.version if self.known is not None else 0
         lost = self._head_of(scan, base + 1, pages, digests)
         eng.session.publish(conflict_topic(eng.cfg.space, fid), encode(lost))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_durably(path: Path) -> None:
+    path.unlink()
+    _fsync_dir(path.parent)
+
+
+def _rename_durably(src: Path, dest: Path) -> None:
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists")
+    os.rename(src, dest)
+    _fsync_dir(dest.parent)
+    if src.parent != dest.parent:
+        _fsync_dir(src.parent)
 
 
 def _size(n: int) -> str:
@@ -558,6 +824,13 @@ class Engine:
         self._activity_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self.folders: list[FolderTask] = []
+        self.chunk_owner: dict[str, FileTask] = {}
+        """For each chunk hash, a file whose index had it (checked by hash when read)."""
+        self._runners: list[asyncio.Task[None]] = []
+        self.apply_slots = asyncio.Semaphore(MAX_PARALLEL_APPLIES)
+        self.moves = asyncio.Lock()
+        """Held while a file is renamed for a remote move or removed for a remote deletion."""
         self.session: MqttSession
         self.exchange: BlobExchange
 
@@ -615,6 +888,42 @@ class Engine:
         self.session.publish(presence_topic(self.cfg.space, self.cfg.device),
                              self._presence(PresenceState.ONLINE, epoch), retain=True)
 
+    # -- files: the listed ones and those inside folders (made as they are seen) ---------------
+    def task_for(self, file_id: str, *, create: bool = False) -> FileTask | None:
+        task = self.tasks.get(file_id)
+        if task is not None or not create:
+            return task
+        inside = self.cfg.folder_of(file_id)
+        if inside is None:
+            return None
+        entry, rel = inside
+        folder = next(f for f in self.folders if f.entry is entry)
+        task = FileTask(self, FileEntry(file_id, entry.path_of(rel)))
+        task.folder, task.rel = folder, rel
+        self.tasks[file_id] = task
+        folder.files[rel] = task
+        if self._loop is not None:
+            self._runners.append(self._loop.create_task(task.run(), name=f"file:{file_id}"))
+        return task
+
+    def register_chunks(self, task: FileTask) -> None:
+        for digest in task.index:
+            self.chunk_owner[digest] = task
+
+    def sources_for(self, needed: set[str], asking: FileTask) -> list[tuple[Path, dict[str, tuple[int, int]]]]:
+        """Local files (and kept copies) holding some of ``needed``: copied, not fetched."""
+        out: list[tuple[Path, dict[str, tuple[int, int]]]] = []
+        seen: set[int] = set()
+        for digest in needed:
+            t = self.chunk_owner.get(digest)
+            if t is not None and t is not asking and id(t) not in seen and digest in t.index:
+                seen.add(id(t))
+                out.append((t.entry.path, t.index))
+        for path, index in reversed(self.conflict_sources):
+            if any(d in index for d in needed):
+                out.append((path, index))
+        return out
+
     def add_conflict_source(self, path: Path, index: dict[str, tuple[int, int]]) -> None:
         """Serve the chunks of a conflict copy (the coordinator stores them for the history)."""
         self.conflict_sources = [*self.conflict_sources, (path, index)][-MAX_CONFLICT_SOURCES:]
@@ -633,6 +942,8 @@ class Engine:
                              self._presence(PresenceState.ONLINE, epoch), retain=True)
         for task in self.tasks.values():
             task.on_reconnected()
+        for folder in self.folders:
+            folder.rescan_all()
 
     async def ready_after_connect(self) -> None:
         """Wait out the grace period in which retained messages arrive after (re)connecting."""
@@ -665,12 +976,12 @@ class Engine:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._note_sending, file_id)
         first = self.tasks.get(file_id)
-        order = [first] if first else []
-        order += [t for t in self.tasks.values() if t is not first]
-        sources = [(t.entry.path, t.index) for t in order] + list(reversed(self.conflict_sources))
+        extra = list(reversed(self.conflict_sources))
         out: list[tuple[str, bytes | None]] = []
         for d in digests:
             data = None
+            owner = self.chunk_owner.get(d)
+            sources = [(t.entry.path, t.index) for t in (first, owner) if t is not None] + extra
             for path, index in sources:
                 loc = index.get(d)
                 if loc is None:
@@ -711,7 +1022,7 @@ class Engine:
             self._on_lock(parsed.file_id, payload)
 
     def _on_lock(self, file_id: str, payload: bytes) -> None:
-        task = self.tasks.get(file_id)
+        task = self.task_for(file_id, create=bool(payload))
         if task is None:
             return
         try:
@@ -722,15 +1033,22 @@ class Engine:
         task.on_lock(lock)
 
     def _on_head(self, file_id: str, payload: bytes) -> None:
-        task = self.tasks.get(file_id)
-        if task is None or not payload:
-            return
+        if not payload or (file_id not in self.tasks and self.cfg.folder_of(file_id) is None):
+            return  # not one of ours (a wildcard subscription sees every file of the space)
         try:
             head = decode_head(file_id, payload)
         except MessageError as exc:
             log.warning("dropped %s", exc)
             return
-        task.on_remote(head)
+        if head.kind is EntryKind.DIR:
+            inside = self.cfg.folder_of(file_id)
+            if inside is not None:
+                folder = next(f for f in self.folders if f.entry is inside[0])
+                folder.on_dir_head(inside[1], head)
+            return
+        task = self.task_for(file_id, create=True)
+        if task is not None:
+            task.on_remote(head)
 
     def _on_presence(self, device: str, payload: bytes) -> None:
         if not payload:
@@ -781,18 +1099,33 @@ class Engine:
             task = FileTask(self, entry)
             self.tasks[entry.file_id] = task
             self._by_path[entry.path] = task
-            self.session.subscribe(head_topic(cfg.space, entry.file_id))
-            self.session.subscribe(lock_topic(cfg.space, entry.file_id))
+        skip = [cfg.source, cfg.state_dir]
+        self.folders = [FolderTask(self, f, skip) for f in cfg.folders]
+        if cfg.folders:  # a file id is one topic level: folders need every head and lock of the space
+            self.session.subscribe(all_heads_filter(cfg.space))
+            self.session.subscribe(all_locks_filter(cfg.space))
+        else:
+            for entry in cfg.files:
+                self.session.subscribe(head_topic(cfg.space, entry.file_id))
+                self.session.subscribe(lock_topic(cfg.space, entry.file_id))
+        for fid, head in list(self.state.synced.items()):  # files of folders synced before
+            if head.kind is EntryKind.FILE:
+                self.task_for(fid, create=True)
         self.session.subscribe(all_presence_filter(cfg.space))
         self.session.subscribe(device_request_topic(cfg.space, cfg.device))
         self.session.subscribe(device_data_topic(cfg.space, cfg.device))
-        watcher = Watcher([e.path for e in cfg.files], self._on_hint)
+        watcher = Watcher([e.path for e in cfg.files], self._on_hint, [f.path for f in cfg.folders])
         watcher.start()
         self.exchange.start()
         self.session.start()
-        log.info("agent %s in space %s: %d file(s), broker %s", cfg.device, cfg.space, len(cfg.files), cfg.broker)
-        runners = [asyncio.create_task(t.run(), name=f"file:{fid}") for fid, t in self.tasks.items()]
+        log.info("agent %s in space %s: %d file(s), %d folder(s), broker %s", cfg.device, cfg.space, len(cfg.files),
+                 len(cfg.folders), cfg.broker)
+        runners = self._runners
+        runners += [asyncio.create_task(t.run(), name=f"file:{fid}") for fid, t in self.tasks.items()
+                    if t.folder is None]
+        runners += [asyncio.create_task(f.run(), name=f"folder:{f.entry.folder_id}") for f in self.folders]
         runners.append(asyncio.create_task(self._periodic_rescan(), name="rescan"))
+        runners.append(asyncio.create_task(self._save_state(), name="state"))
         try:
             await stop.wait()
         finally:
@@ -813,11 +1146,27 @@ class Engine:
         task = self._by_path.get(path)
         if task is not None:
             task.hint_local(quick)
+            return
+        for folder in self.folders:
+            if folder.rel_of(path) is not None:
+                folder.hint(path)
+                return
 
     async def _periodic_rescan(self) -> None:
-        """Watch events can be lost: look at files whose stat changed since their last scan."""
+        """Watch events can be lost: look at files whose stat changed since their last scan, and
+        at every synced folder (a light rescan: only changed stats are hashed)."""
         while True:
             await asyncio.sleep(self.cfg.rescan_seconds)
             for task in self.tasks.values():
-                if stat_of(task.entry.path) != task.index_stat:
+                if task.folder is None and stat_of(task.entry.path) != task.index_stat:
                     task.hint_local(quick=False)
+            for folder in self.folders:
+                folder.rescan_all()
+
+    async def _save_state(self) -> None:
+        while True:
+            await asyncio.sleep(STATE_SAVE_INTERVAL)
+            try:
+                self.state.save_if_dirty()
+            except OSError as exc:
+                log.error("saving the state dir failed: %s", exc.strerror or exc)

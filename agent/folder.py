@@ -324,6 +324,9 @@ class FolderTask:
             state.set_synced(head)
             return
         existed = (self.root / rel).is_dir()
+        if self.rules.ignored_path(rel):
+            state.set_synced(head)
+            return
         if head.deleted:
             state.set_synced(head)
             self.pending_rmdir.add(rel)

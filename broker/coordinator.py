@@ -90,6 +90,9 @@ PULL_DELAY = 1.0
 PULL_YIELD_RATE = 50e6
 MAX_PULL_DELAY = 30.0
 GC_INTERVAL = 600.0
+MAX_PARALLEL_PULLS = 8
+"""Versions fetched at once: a folder of 10,000 new files must not become 10,000 concurrent
+requests to one device (its queue, and the broker's per-client queue, would overflow)."""
 CONFLICT_LOOKBACK = 50
 """Recent history entries checked for lost conflicts that a new head was built on."""
 LOCK_TICK = 1.0
@@ -199,6 +202,7 @@ class Coordinator:
         self._creds = (username, password, ca_file)
         self._pulls: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._pull_heads: dict[tuple[str, str, str], Head] = {}
+        self._pull_slots = asyncio.Semaphore(MAX_PARALLEL_PULLS)
         self._stored: set[tuple[str, str, str]] = set()
         self.locks = LockBook(data_dir)
         self.registry = DeviceRegistry(data_dir)
@@ -361,7 +365,8 @@ class Coordinator:
         delay = RETRY_DELAY
         while True:
             try:
-                fetched = await self._pull_once(space, head)
+                async with self._pull_slots:
+                    fetched = await self._pull_once(space, head)
                 self._stored.add((space, head.file_id, head.hash))
                 if fetched:
                     log.info("stored %s/%s v%d from %s (%d chunks, %d fetched)", space, head.file_id, head.version,

@@ -240,7 +240,7 @@ def _build(src: Path, s: AgentSection, lines: dict[tuple[Any, ...], int]) -> Age
         if full.is_dir():
             raise fail(("files", i, "path"), f"{full} is a folder; list folders under 'folders:'")
         for folder in folders:
-            if folder.path in full.parents:
+            if folder.path == full or folder.path in full.parents:
                 raise fail(("files", i, "path"), f"{full} is inside the folder {folder.folder_id!r}, "
                                                  "which syncs it already")
             if file_id.startswith(folder.folder_id + "/"):

@@ -17,7 +17,7 @@ BUILTIN_IGNORES: tuple[str, ...] = (
     ".*.atrius-*.tmp",  # the agent's own temp files (agent.apply.temp_path_for)
     "*.conflict-*",  # conflict copies: the history keeps their content
     "*.swp", "*.swo", "*.swx", ".*.sw?",  # vim
-    "*~", ".#*", "#*#",  # emacs and others
+    "*~", ".#*", "\\#*#",  # emacs and others (a leading # would be a comment)
     "~$*",  # Office owner files
     "*.crdownload",  # unfinished downloads
     ".DS_Store", "._*", ".Spotlight-V100/", ".Trashes/", ".fseventsd/",  # macOS

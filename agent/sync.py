@@ -58,6 +58,7 @@ from schemas.rules import (
     Startup,
     at_startup,
     content_of,
+    merge_same,
     next_vector,
     next_version,
     on_remote_head,
@@ -310,6 +311,10 @@ class FileTask:
             await self.publish_deletion(moved_to)
         if self.remote is not None:
             action = on_remote_head(self.remote, self.known, eng.cfg.device)
+            if action is RemoteAction.IGNORE and self.known is not None and self.remote.hash == self.known.hash:
+                merged = merge_same(self.known, self.remote)
+                if merged is not self.known:
+                    self._set_known(merged)  # the same content by another way: its history is ours too
             if action in (RemoteAction.APPLY, RemoteAction.APPLY_KEEP_LOCAL):
                 await self._apply(self.remote, keep_local=action is RemoteAction.APPLY_KEEP_LOCAL)
             elif action is RemoteAction.REASSERT and self.known is not None and self._announced_seq != self.remote_seq:
@@ -332,7 +337,8 @@ class FileTask:
         fid = self.entry.file_id
         log.debug("%s: reconcile -> %s", fid, decision.value)
         if decision is Startup.IN_SYNC and remote is not None:
-            self._set_known(remote)
+            self._set_known(merge_same(remote, self.known) if self.known is not None and
+                            self.known.hash == remote.hash and self.known.deleted == remote.deleted else remote)
         elif decision is Startup.APPLY_REMOTE and remote is not None:
             await self._apply(remote, keep_local=False)
         elif decision is Startup.CONFLICT and remote is not None:

@@ -34,12 +34,6 @@ def relation(a: Head, b: Head) -> Relation:
         b_ge = all(b.vector.get(d, 0) >= n for d, n in a.vector.items())
         if a_ge != b_ge:
             return Relation.DESCENDS if a_ge else Relation.PRECEDES
-        # Concurrent lineages can still meet in content: two devices that published the same
-        # content at once each keep their own vector, and an edit made from it names it as parent.
-        if a.parent == b.hash and b.parent != a.hash:
-            return Relation.DESCENDS
-        if b.parent == a.hash and a.parent != b.hash:
-            return Relation.PRECEDES
         return Relation.CONCURRENT  # (equal vectors with different content cannot be ordered either)
     if a.parent is not None and a.parent == b.hash:
         return Relation.DESCENDS
@@ -48,6 +42,21 @@ def relation(a: Head, b: Head) -> Relation:
     if a.version != b.version:
         return Relation.DESCENDS if a.version > b.version else Relation.PRECEDES
     return Relation.CONCURRENT
+
+
+def merge_same(known: Head, other: Head) -> Head:
+    """``known`` with ``other``'s history folded in, for two heads with the same content.
+
+    Two devices that publish the same content at once (both reverting, both pulling the same
+    export) make two lineages that meet in content; an edit made after seeing both must descend
+    from both, or the other device would take it for a concurrent edit.
+    """
+    if not other.vector or known.vector == other.vector:
+        return known
+    merged = dict(known.vector)
+    for d, n in other.vector.items():
+        merged[d] = max(merged.get(d, 0), n)
+    return known.model_copy(update={"vector": merged})
 
 
 def head_key(head: Head) -> tuple[int, bool, str]:
@@ -129,16 +138,16 @@ def at_startup(local_hash: str | None, synced: Head | None, remote: Head | None,
     if remote is None:
         return Startup.NOTHING if local_hash is None else Startup.PUBLISH_LOCAL
     theirs = content_of(remote)
+    if synced is not None and supersedes(synced, remote):
+        # The broker holds an older (or losing) head than the one we synced: ours stands, and a
+        # local change made on top of it (a deletion included) is a new version.
+        return Startup.PUBLISH_LOCAL
     if local_hash == theirs:
         return Startup.IN_SYNC
     if synced is None:
         if local_hash is None:
             return Startup.APPLY_REMOTE
         return Startup.PUBLISH_LOCAL if remote.deleted else Startup.CONFLICT
-    if not supersedes(remote, synced):
-        # The broker holds an older (or losing) head than the one we synced: ours stands, and a
-        # local change made on top of it is a new version.
-        return Startup.PUBLISH_LOCAL
     ours = content_of(synced)
     if local_hash == ours:
         # Unchanged here since the last sync: take the newer head, keeping ours if it lost a race.

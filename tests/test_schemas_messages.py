@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import blake3
 import pytest
 from pydantic import BaseModel, ValidationError
 
 from schemas.messages import (
+    EMPTY_HASH,
     HUB_REPLY,
     HUB_REQUEST,
     MAX_ACTIVE_FILES,
@@ -20,6 +22,7 @@ from schemas.messages import (
     MAX_VECTOR,
     ChunkRequest,
     DeviceRecord,
+    EntryKind,
     Head,
     LockEvent,
     LockEventKind,
@@ -39,6 +42,7 @@ from schemas.messages import (
     VersionKind,
     VersionsReply,
     VersionsRequest,
+    decode_head,
     decode_lock,
     encode,
 )
@@ -165,6 +169,10 @@ def test_models_reject_unknown_fields_in_json(make: Any) -> None:
         head(size=0, chunks=0, manifest=[]),
         head(inline_manifest="AAAA", parent=H3, time=123.5, version=7),
         head(deleted=True, size=0, chunks=0, manifest=[]),
+        head(deleted=True, hash=EMPTY_HASH, size=0, chunks=0, manifest=[], moved_to="art/renamed.png"),
+        head(moved_from="art/old name.png", parent=H3),
+        head(kind="dir", hash=EMPTY_HASH, size=0, chunks=0, manifest=[]),
+        head(kind="dir", hash=EMPTY_HASH, size=0, chunks=0, manifest=[], deleted=True),
         presence(),
         presence(state="offline", epoch=0, since=1.5, host="box", agent_version="0.1.0"),
         lock(),
@@ -238,14 +246,17 @@ def test_inline_manifest_length_cap() -> None:
 @pytest.mark.parametrize(
     "over",
     [
-        {"chunks": 1, "manifest": [H2]},
-        {"chunks": 0, "manifest": [H2]},
-        {"chunks": 2, "manifest": []},
+        {"size": 0, "chunks": 1, "manifest": [H2]},
+        {"size": 0, "chunks": 0, "manifest": [H2]},
+        {"size": 0, "chunks": 2, "manifest": []},
+        {"size": 100, "chunks": 0, "manifest": []},
+        {"size": 100, "chunks": 1, "manifest": [H2]},
+        {"size": 0, "chunks": 0, "manifest": [H2], "inline_manifest": "AAAA"},
     ],
 )
-def test_deleted_head_carries_no_chunks(over: dict[str, Any]) -> None:
-    with pytest.raises(ValidationError, match="deleted head carries no chunks"):
-        head(deleted=True, size=0, **over)
+def test_deleted_head_carries_no_content(over: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="deleted head carries no content"):
+        head(deleted=True, **over)
 
 
 def test_deleted_head_without_chunks_is_valid() -> None:
@@ -719,3 +730,115 @@ def test_file_id_length_cap_in_models() -> None:
     head(file_id="x" * MAX_FILE_ID)
     with pytest.raises(ValidationError):
         head(file_id="x" * (MAX_FILE_ID + 1))
+
+
+# -- folders: entry kind, moves, the empty hash --------------------------------------------------------
+
+
+def test_empty_hash_is_blake3_of_no_bytes() -> None:
+    assert blake3.blake3(b"").hexdigest() == EMPTY_HASH
+    assert check_hash(EMPTY_HASH) == EMPTY_HASH
+
+
+def test_head_kind_defaults_to_file() -> None:
+    h = head()
+    assert h.kind is EntryKind.FILE
+    assert json.loads(encode(h))["kind"] == "file"
+
+
+def test_head_kind_is_an_enum() -> None:
+    assert head(kind="dir", hash=EMPTY_HASH, size=0, chunks=0, manifest=[]).kind is EntryKind.DIR
+    with pytest.raises(ValidationError):
+        head(kind="folder")
+    with pytest.raises(ValidationError):
+        head(kind="symlink")
+
+
+def test_older_heads_without_the_new_fields_still_decode() -> None:
+    data = json.loads(encode(head()))
+    for key in ("kind", "moved_from", "moved_to"):
+        del data[key]
+    h = decode_head("art/hero.png", json.dumps(data).encode())
+    assert (h.kind, h.moved_from, h.moved_to) == (EntryKind.FILE, None, None)
+
+
+def dir_head(**over: Any) -> Head:
+    fields: dict[str, Any] = {"kind": "dir", "hash": EMPTY_HASH, "size": 0, "chunks": 0, "manifest": []}
+    fields.update(over)
+    return head(**fields)
+
+
+def test_dir_head() -> None:
+    h = dir_head(file_id="textures/sub")
+    assert h.kind is EntryKind.DIR
+    assert not h.deleted
+    gone = dir_head(deleted=True, version=2, parent=EMPTY_HASH)
+    assert gone.deleted
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        pytest.param({"hash": H1}, id="other-hash"),
+        pytest.param({"size": 1}, id="size"),
+        pytest.param({"size": 100, "chunks": 1, "manifest": [H2]}, id="content"),
+        pytest.param({"manifest": [H2]}, id="manifest"),
+        pytest.param({"chunks": 1, "manifest": [H2], "size": 5, "deleted": True}, id="deleted-with-content"),
+        pytest.param({"hash": H1, "deleted": True}, id="deleted-other-hash"),
+    ],
+)
+def test_dir_head_carries_no_content(over: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="carries no content"):
+        dir_head(**over)
+
+
+def test_dir_head_rejected_from_json_too() -> None:
+    data = json.loads(encode(dir_head()))
+    data["hash"] = H1
+    with pytest.raises(MessageError, match="carries no content"):
+        decode_head("art/hero.png", json.dumps(data).encode())
+
+
+def test_deleted_head_hash_is_free() -> None:
+    """A deletion normally carries the empty hash; older agents stamped the deleted content's hash."""
+    assert head(deleted=True, size=0, chunks=0, manifest=[], hash=EMPTY_HASH).deleted
+    assert head(deleted=True, size=0, chunks=0, manifest=[], hash=H1).deleted
+
+
+def test_empty_file_head_carries_the_empty_hash_without_being_a_deletion() -> None:
+    h = head(hash=EMPTY_HASH, size=0, chunks=0, manifest=[])
+    assert not h.deleted
+    assert h.kind is EntryKind.FILE
+
+
+def test_moved_to_only_on_a_deletion() -> None:
+    h = head(deleted=True, hash=EMPTY_HASH, size=0, chunks=0, manifest=[], moved_to="art/new.png")
+    assert h.moved_to == "art/new.png"
+    with pytest.raises(ValidationError, match="moved_to"):
+        head(moved_to="art/new.png")
+    with pytest.raises(ValidationError, match="moved_to"):
+        head(moved_to="art/new.png", hash=EMPTY_HASH, size=0, chunks=0, manifest=[])
+    with pytest.raises(ValidationError, match="moved_to"):
+        dir_head(moved_to="art/new")
+
+
+def test_moved_from_on_a_file_with_content() -> None:
+    h = head(moved_from="art/old.png", version=3, parent=H1)
+    assert h.moved_from == "art/old.png"
+    assert json.loads(encode(h))["moved_from"] == "art/old.png"
+
+
+@pytest.mark.parametrize("field", ["moved_from", "moved_to"])
+@pytest.mark.parametrize("bad", ["../etc/passwd", "/abs", "a//b", "a\\b", "a\x00b", "", "x" * (MAX_FILE_ID + 1), 5])
+def test_move_ids_are_checked_file_ids(field: str, bad: Any) -> None:
+    with pytest.raises(ValidationError):
+        head(**{field: bad, "deleted": True, "hash": EMPTY_HASH, "size": 0, "chunks": 0, "manifest": []})
+
+
+def test_move_fields_in_json() -> None:
+    gone = head(deleted=True, hash=EMPTY_HASH, size=0, chunks=0, manifest=[], moved_to="a/b.png")
+    data = json.loads(encode(gone))
+    assert data["moved_to"] == "a/b.png"
+    assert data["moved_from"] is None
+    assert data["deleted"] is True
+    assert decode_head("art/hero.png", encode(gone)) == gone

@@ -10,13 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.messages import Head, Presence, PresenceState
+from schemas.messages import EMPTY_HASH, Head, Presence, PresenceState
 from schemas.rules import (
     Relation,
     RemoteAction,
     Startup,
     at_startup,
+    content_of,
     head_key,
+    merge_same,
     next_vector,
     next_version,
     on_remote_head,
@@ -293,6 +295,44 @@ def test_remote_delete_of_known_content_is_applied() -> None:
     assert on_remote_head(mk(3, A, "bob", deleted=True), mk(2, A, "bob"), "me") is RemoteAction.APPLY
 
 
+def test_remote_deletions() -> None:
+    base = mk(2, A, "carol", vector={"carol": 2})
+    gone = edit(base, "bob", EMPTY_HASH, deleted=True)
+    for me in ("me", "carol"):
+        assert on_remote_head(gone, base, me) is RemoteAction.APPLY  # a deletion made from what we hold
+        assert on_remote_head(gone, gone, me) is RemoteAction.IGNORE  # its echo
+        assert on_remote_head(base, gone, me) is RemoteAction.IGNORE  # older content: not ours to reassert
+    assert on_remote_head(base, gone, "bob") is RemoteAction.REASSERT  # our deletion stands over older content
+    # two devices deleting the same version: the same absence, whatever the authors and vectors
+    other = edit(base, "dave", EMPTY_HASH, deleted=True)
+    assert relation(other, gone) is Relation.SAME
+    assert on_remote_head(other, gone, "bob") is RemoteAction.IGNORE
+    assert on_remote_head(gone, other, "dave") is RemoteAction.IGNORE
+    # a file re-created after a deletion: the new content is applied
+    again = edit(gone, "carol", B)
+    assert on_remote_head(again, gone, "me") is RemoteAction.APPLY
+    assert on_remote_head(again, gone, "bob") is RemoteAction.APPLY
+    assert on_remote_head(gone, again, "carol") is RemoteAction.REASSERT
+
+
+def test_a_concurrent_deletion_with_a_higher_version_over_our_edit_keeps_ours() -> None:
+    v1 = mk(1, C, "carol", vector={"carol": 1})
+    ours = edit(v1, "me", A)
+    gone = edit(edit(v1, "bob", B), "bob", EMPTY_HASH, deleted=True)  # v3, built on bob's own v2
+    assert relation(gone, ours) is Relation.CONCURRENT
+    assert on_remote_head(gone, ours, "me") is RemoteAction.APPLY_KEEP_LOCAL
+    assert on_remote_head(gone, ours, "carol") is RemoteAction.APPLY
+
+
+def test_a_remote_edit_over_our_deletion() -> None:
+    v1 = mk(1, C, "carol", vector={"carol": 1})
+    ours = edit(v1, "me", EMPTY_HASH, deleted=True)
+    theirs = edit(v1, "bob", B)  # concurrent, same version: content beats the deletion
+    assert on_remote_head(theirs, ours, "me") is RemoteAction.APPLY_KEEP_LOCAL  # (nothing to keep: no content)
+    assert on_remote_head(ours, theirs, "bob") is RemoteAction.REASSERT
+    assert on_remote_head(ours, theirs, "carol") is RemoteAction.IGNORE
+
+
 # -- at_startup --------------------------------------------------------------------------------------------
 
 
@@ -302,7 +342,10 @@ def test_remote_delete_of_known_content_is_applied() -> None:
         pytest.param(None, None, None, Startup.NOTHING, id="no-remote-no-local"),
         pytest.param(L, None, None, Startup.PUBLISH_LOCAL, id="no-remote-local"),
         pytest.param(L, mk(1, L), None, Startup.PUBLISH_LOCAL, id="no-remote-synced-local"),
-        pytest.param(None, None, mk(2, A, deleted=True), Startup.NOTHING, id="remote-deleted-no-local"),
+        # Was NOTHING: at_startup now treats a deletion as a head like any other, and no file here
+        # agrees with the retained deletion, so the path is in sync (the agent records the tombstone
+        # as its synced head, which it needs to tell a later local re-creation from a stale copy).
+        pytest.param(None, None, mk(2, A, deleted=True), Startup.IN_SYNC, id="remote-deleted-no-local"),
         pytest.param(L, None, mk(2, A, deleted=True), Startup.PUBLISH_LOCAL, id="remote-deleted-local"),
         pytest.param(None, None, mk(2, A), Startup.APPLY_REMOTE, id="no-local"),
         pytest.param(None, mk(1, B), mk(2, A), Startup.APPLY_REMOTE, id="no-local-synced-before"),
@@ -324,6 +367,91 @@ def test_at_startup(local: str | None, synced: Head | None, remote: Head | None,
     """Heads without vectors or parent links, none of them ours."""
     assert at_startup(local, synced, remote) is expected
     assert at_startup(local, synced, remote, "bob") is expected
+
+
+GONE = EMPTY_HASH  # what agents put in a deletion's hash
+
+
+@pytest.mark.parametrize(
+    ("local", "synced", "remote", "expected"),
+    [
+        pytest.param(A, mk(2, A), mk(3, GONE, "bob", deleted=True), Startup.APPLY_REMOTE,
+                     id="remote-deleted-local-unchanged"),
+        pytest.param(L, mk(2, A), mk(3, GONE, "bob", deleted=True), Startup.PUBLISH_LOCAL,
+                     id="remote-deleted-local-edited"),
+        pytest.param(None, mk(2, A), mk(2, A), Startup.PUBLISH_LOCAL, id="local-deleted-remote-unchanged"),
+        pytest.param(None, mk(2, A), mk(3, B, "bob"), Startup.APPLY_REMOTE, id="local-deleted-remote-edited"),
+        pytest.param(None, mk(2, A), mk(3, GONE, "bob", deleted=True), Startup.IN_SYNC, id="both-deleted"),
+        pytest.param(None, mk(3, GONE, deleted=True), mk(3, GONE, deleted=True), Startup.IN_SYNC,
+                     id="deletion-synced-still-absent"),
+        pytest.param(L, None, mk(2, GONE, "bob", deleted=True), Startup.PUBLISH_LOCAL,
+                     id="first-run-remote-deleted-local-file"),
+        pytest.param(None, None, mk(2, GONE, "bob", deleted=True), Startup.IN_SYNC, id="first-run-both-absent"),
+        pytest.param(L, mk(3, GONE, deleted=True), mk(3, GONE, deleted=True), Startup.PUBLISH_LOCAL,
+                     id="re-created-here-after-a-synced-deletion"),
+        pytest.param(None, mk(3, GONE, deleted=True), mk(4, B, "bob"), Startup.APPLY_REMOTE,
+                     id="re-created-there-after-a-synced-deletion"),
+        pytest.param(L, mk(3, GONE, deleted=True), mk(4, B, "bob"), Startup.CONFLICT,
+                     id="re-created-on-both-sides"),
+        pytest.param(B, mk(3, GONE, deleted=True), mk(4, B, "bob"), Startup.IN_SYNC,
+                     id="re-created-alike-on-both-sides"),
+        pytest.param(L, mk(3, A), mk(2, GONE, "bob", deleted=True), Startup.PUBLISH_LOCAL,
+                     id="edited-here-broker-holds-an-older-deletion"),
+        pytest.param(A, mk(3, A), mk(3, GONE, "bob", deleted=True), Startup.PUBLISH_LOCAL,
+                     id="concurrent-deletion-loses-the-tie-to-content"),
+        pytest.param(None, mk(2, A), None, Startup.NOTHING, id="deleted-here-no-remote"),
+        pytest.param(None, mk(2, GONE, deleted=True), None, Startup.NOTHING, id="deletion-synced-no-remote"),
+    ],
+)
+def test_at_startup_with_deletions(local: str | None, synced: Head | None, remote: Head | None,
+                                   expected: Startup) -> None:
+    """A deletion is a head like any other, and local_hash None is no file; an edit beats a deletion."""
+    for me in ("", "alice", "carol"):
+        assert at_startup(local, synced, remote, me) is expected
+
+
+def test_at_startup_with_deletions_and_vectors() -> None:
+    deleted = edit(V5_HEAD, "bob", GONE, deleted=True)
+    edited = edit(V5_HEAD, "bob", B)
+    for me in ("alice", "carol"):
+        assert at_startup(L, V5_HEAD, deleted, me) is Startup.APPLY_REMOTE  # unchanged here: follow the deletion
+        assert at_startup(C, V5_HEAD, deleted, me) is Startup.PUBLISH_LOCAL  # edited here: the edit wins
+        assert at_startup(None, V5_HEAD, V5_HEAD, me) is Startup.PUBLISH_LOCAL  # deleted here only
+        assert at_startup(None, V5_HEAD, edited, me) is Startup.APPLY_REMOTE  # deleted here, edited there
+        assert at_startup(None, V5_HEAD, deleted, me) is Startup.IN_SYNC  # deleted on both sides
+    # our deletion, published and then overtaken by a later edit built on it: apply the edit
+    ours = edit(V5_HEAD, "alice", GONE, deleted=True)
+    assert at_startup(None, ours, edit(ours, "bob", B), "alice") is Startup.APPLY_REMOTE
+    # our deletion lost to a concurrent edit with a higher version: nothing here to keep, apply it
+    theirs = edit(edit(V5_HEAD, "bob", A), "carol", B)
+    assert at_startup(None, ours, theirs, "alice") is Startup.APPLY_REMOTE
+
+
+def test_at_startup_our_unchanged_edit_overtaken_by_a_concurrent_deletion_is_kept() -> None:
+    """Our published v6 lost to a deletion (v7) built on a concurrent v6: keep our content as a copy."""
+    ours = edit(V5_HEAD, "alice", A)
+    theirs = edit(edit(V5_HEAD, "bob", B), "carol", GONE, deleted=True)
+    assert relation(theirs, ours) is Relation.CONCURRENT
+    assert at_startup(A, ours, theirs, "alice") is Startup.CONFLICT
+    assert at_startup(A, ours, theirs, "carol") is Startup.APPLY_REMOTE
+
+
+def test_content_of() -> None:
+    assert content_of(None) is None
+    assert content_of(mk(2, A)) == A
+    assert content_of(mk(2, A, deleted=True)) is None
+    assert content_of(mk(2, GONE, deleted=True)) is None
+    empty = Head(file_id="art/e.txt", hash=EMPTY_HASH, size=0, version=1, author="alice")
+    assert content_of(empty) == EMPTY_HASH  # an empty file is content, not absence
+
+
+def test_at_startup_tells_an_empty_file_from_a_deletion() -> None:
+    empty = Head(file_id="art/hero.png", hash=EMPTY_HASH, size=0, version=2, author="bob")
+    assert at_startup(EMPTY_HASH, None, empty) is Startup.IN_SYNC
+    assert at_startup(None, None, empty) is Startup.APPLY_REMOTE  # create the empty file
+    gone = mk(3, GONE, "bob", deleted=True)
+    assert at_startup(EMPTY_HASH, empty, gone) is Startup.APPLY_REMOTE  # delete the (unchanged) empty file
+    assert at_startup(EMPTY_HASH, None, gone) is Startup.PUBLISH_LOCAL  # an empty file here, none there
 
 
 def test_at_startup_our_unchanged_head_losing_a_tie_is_a_conflict() -> None:
@@ -481,15 +609,34 @@ def test_three_devices_build_on_a_concurrent_version() -> None:
 
 
 def test_identical_concurrent_edits_do_not_make_a_later_edit_a_conflict() -> None:
-    """Alice and bob publish the same content as v6 (SAME: both keep their own head); alice then edits
-    her v6.  Her v7 is made from exactly the content bob holds (its parent is bob's hash): no edit of
-    bob's is lost, so bob should simply apply it, not keep a conflict copy."""
+    """Alice and bob publish the same content as v6 (SAME: both keep their own head, folding in the
+    other's history); alice then edits.  Her v7 descends from both v6s: bob simply applies it."""
     a6, b6 = edit(V5_HEAD, "alice", D), edit(V5_HEAD, "bob", D)
     assert on_remote_head(a6, b6, "bob") is RemoteAction.IGNORE
-    a7 = edit(a6, "alice", A)
-    assert a7.parent == b6.hash
+    a6m = merge_same(a6, b6)
+    assert merge_same(b6, a6).vector == a6m.vector == {"alice": 6, "bob": 6}
+    a7 = edit(a6m, "alice", A)
+    assert relation(a7, b6) is Relation.DESCENDS
     assert on_remote_head(a7, b6, "bob") is RemoteAction.APPLY
     assert at_startup(D, b6, a7, "bob") is Startup.APPLY_REMOTE
+
+
+def test_a_restored_old_content_is_still_concurrent_with_an_edit() -> None:
+    """Alice deletes v5 and puts its content back (v7) while bob edits v5 (v6): content equal to
+    bob's parent does not make alice's v7 an ancestor of bob's edit."""
+    gone = edit(V5_HEAD, "alice", EMPTY_HASH).model_copy(update={"deleted": True, "size": 0})
+    a7 = edit(gone, "alice", V5_HEAD.hash)
+    b6 = edit(V5_HEAD, "bob", B)
+    assert relation(a7, b6) is Relation.CONCURRENT
+    assert on_remote_head(a7, b6, "bob") is RemoteAction.APPLY_KEEP_LOCAL
+
+
+def test_merge_same_keeps_the_head_and_takes_the_max() -> None:
+    a6, b6 = edit(V5_HEAD, "alice", D), edit(V5_HEAD, "bob", D)
+    m = merge_same(a6, b6)
+    assert (m.version, m.hash, m.author) == (a6.version, a6.hash, a6.author)
+    assert merge_same(a6, a6) is a6
+    assert merge_same(a6, mk(6, D)) is a6  # no vector to fold in
 
 
 @st.composite

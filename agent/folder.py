@@ -169,7 +169,7 @@ class FolderTask:
                 st = os.lstat(path)
             except OSError:
                 continue
-            if rel and self.rules.ignored_path(rel):
+            if rel and self.rules.ignored_path(rel, is_dir=statmod.S_ISDIR(st.st_mode)):
                 continue
             if statmod.S_ISLNK(st.st_mode):
                 links.append(rel)
@@ -324,8 +324,13 @@ class FolderTask:
             state.set_synced(head)
             return
         existed = (self.root / rel).is_dir()
-        if self.rules.ignored_path(rel):
+        if self.rules.ignored_path(rel, is_dir=True):
             state.set_synced(head)
+            return
+        try:
+            self._check_dir(rel)
+        except UnsafePath as exc:
+            self._warn_once(f"dir:{rel}", "%s: folder entry from %s not applied: %s", head.file_id, head.author, exc)
             return
         if head.deleted:
             state.set_synced(head)
@@ -335,7 +340,7 @@ class FolderTask:
         try:
             self.make_dirs(rel, include_self=True)
         except (UnsafePath, OSError) as exc:
-            log.warning("%s: folder from %s not created: %s", head.file_id, head.author, exc)
+            self._warn_once(f"dir:{rel}", "%s: folder from %s not created: %s", head.file_id, head.author, exc)
             return
         self.pending_rmdir.discard(rel)
         self.observed_dirs.add(rel)
@@ -345,8 +350,26 @@ class FolderTask:
         if not existed:
             log.info("%s: folder created (from %s)", head.file_id, head.author)
 
+    def _check_dir(self, rel: str) -> None:
+        """Raise UnsafePath if a symbolic link (or a file) stands anywhere on the way to folder ``rel``."""
+        path = self.root
+        for part in rel.split("/"):
+            path = path / part
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return
+            if statmod.S_ISLNK(st.st_mode):
+                raise UnsafePath(f"{self.rel_of(path)} is a symbolic link here; not followed")
+            if not statmod.S_ISDIR(st.st_mode):
+                raise UnsafePath(f"{self.rel_of(path)} is a file here, not a folder")
+
     def _try_rmdir(self, rel: str) -> bool:
         path = self.root / rel
+        try:
+            self._check_dir(rel)
+        except UnsafePath:
+            return False
         try:
             os.rmdir(path)
         except FileNotFoundError:

@@ -44,10 +44,10 @@ class IgnoreRules:
     def ignored(self, rel: str, *, is_dir: bool = False) -> bool:
         return self._spec.match_file(rel + "/" if is_dir else rel)
 
-    def ignored_path(self, rel: str) -> bool:
-        """A file path whose own name or any folder above it is ignored."""
+    def ignored_path(self, rel: str, *, is_dir: bool = False) -> bool:
+        """A path (a file, or a folder with ``is_dir``) whose own name or any folder above it is ignored."""
         parts = rel.split("/")
         for i in range(1, len(parts)):
             if self.ignored("/".join(parts[:i]), is_dir=True):
                 return True
-        return self.ignored(rel)
+        return self.ignored(rel, is_dir=is_dir)

@@ -22,6 +22,7 @@ from agent.state import read_synced
 from schemas.locks import describe
 from schemas.messages import (
     DeviceRecord,
+    EntryKind,
     Head,
     LockState,
     MessageError,
@@ -132,7 +133,7 @@ def local_state(path: Path | None, head: Head | None, synced: Head | None, me: P
     if _conflict_copies(path):
         return LocalState.CONFLICT, local
     if local is None:
-        return LocalState.MISSING, None
+        return (LocalState.IN_SYNC if head is not None and head.deleted else LocalState.MISSING), None
     if head is None or local == head.hash:
         return (LocalState.IN_SYNC if head is not None else LocalState.MODIFIED), local
     if synced is not None and synced.hash == local:
@@ -201,8 +202,12 @@ def _device_rows(got: _Collected, registry: dict[str, DeviceRecord], now: float)
 def _file_rows(cfg: AgentConfig, got: _Collected) -> list[FileRow]:
     synced = read_synced(cfg.state_dir)
     listed = {e.file_id: e.path for e in cfg.files}
+    for fid in got.heads:  # files inside the synced folders
+        inside = cfg.folder_of(fid)
+        if inside is not None and got.heads[fid].kind is EntryKind.FILE:
+            listed[fid] = inside[0].path_of(inside[1])
     rows = []
-    for fid in sorted(set(listed) | set(got.heads)):
+    for fid in sorted(set(listed) | {f for f, h in got.heads.items() if h.kind is EntryKind.FILE}):
         head, path, lock = got.heads.get(fid), listed.get(fid), got.locks.get(fid)
         state, local = local_state(path, head, synced.get(fid), got.presence.get(cfg.device), fid)
         rows.append(FileRow(

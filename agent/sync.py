@@ -311,7 +311,8 @@ class FileTask:
             await self.publish_deletion(moved_to)
         if self.remote is not None:
             action = on_remote_head(self.remote, self.known, eng.cfg.device)
-            if action is RemoteAction.IGNORE and self.known is not None and self.remote.hash == self.known.hash:
+            if (action is RemoteAction.IGNORE and self.known is not None and self.remote.hash == self.known.hash
+                    and self.remote.deleted == self.known.deleted):
                 merged = merge_same(self.known, self.remote)
                 if merged is not self.known:
                     self._set_known(merged)  # the same content by another way: its history is ours too

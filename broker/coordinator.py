@@ -566,7 +566,7 @@ class Coordinator:
         head = Head(
             file_id=src.file_id, hash=src.hash, size=src.size, version=latest.version + 1, author=req.by,
             deleted=src.deleted, time=time.time(), parent=latest.hash, chunks=src.chunks, manifest=src.manifest,
-            inline_manifest=src.inline_manifest, restored_from=req.version,
+            inline_manifest=src.inline_manifest, restored_from=req.version, kind=src.kind,
             vector=next_vector(latest.head, req.by, latest.version + 1) if latest.head.vector else {},
         )
         self.history.record(space, head)

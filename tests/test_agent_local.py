@@ -595,7 +595,13 @@ def test_state_save_load_round_trip(tmp_path: Path) -> None:
     assert st.next_epoch() == 2
     st.set_synced(mk_head())
     st.set_synced(mk_head("Ünï/ß.png", version=7))
+    assert st.dirty and AgentState(tmp_path / "state").synced == {}  # batched: on disk at the next save
+    st.set_stat("art/hero.png", (5, 123, 42), "a" * 64)
+    st.save_if_dirty()
+    assert not st.dirty
     again = AgentState(tmp_path / "state")
+    assert again.cached_hash("art/hero.png", (5, 123, 42)) == "a" * 64
+    assert again.cached_hash("art/hero.png", (5, 124, 42)) is None  # another mtime: hash again
     assert again.epoch == 2
     assert again.synced == {"art/hero.png": mk_head(), "Ünï/ß.png": mk_head("Ünï/ß.png", version=7)}
     assert not list((tmp_path / "state").glob(".*.tmp"))
@@ -627,6 +633,7 @@ def test_corrupt_state_is_moved_aside(tmp_path: Path, content: bytes) -> None:
     assert moved[0].read_bytes() == content
     assert not (root / "state.json").exists()
     st.set_synced(mk_head())
+    st.save_if_dirty()
     assert AgentState(root).synced == {"art/hero.png": mk_head()}
 
 
@@ -696,6 +703,7 @@ def test_state_json_is_plain_json(tmp_path: Path) -> None:
     st = AgentState(tmp_path / "s")
     st.next_epoch()
     st.set_synced(mk_head())
+    st.save_if_dirty()
     raw = json.loads((tmp_path / "s" / "state.json").read_text())
     assert raw["epoch"] == 1
     assert raw["synced"]["art/hero.png"]["version"] == 3

@@ -13,7 +13,7 @@ from schemas.mqtt import BrokerUrl
 def engine(tmp_path: Path, online: dict[str, bool]) -> Engine:
     cfg = AgentConfig(source=tmp_path / "agent.yaml", device="me", space="game", broker=BrokerUrl("h", 1, False),
                       username=None, password=None, ca_file=None, state_dir=tmp_path / "state",
-                      files=(FileEntry("x.png", tmp_path / "x.png"),), keep_snapshots=1, settle_ms=300,
+                      files=(FileEntry("x.png", tmp_path / "x.png"),), folders=(), keep_snapshots=1, settle_ms=300,
                       rescan_seconds=30)
     e = Engine(cfg)
     for name, up in online.items():

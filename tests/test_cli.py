@@ -54,9 +54,9 @@ def test_config_errors_name_key_and_line(tmp_path: Path) -> None:
     r = run("agent", "--config", str(cfg))
     assert r.returncode == 2 and "invalid YAML" in _one_line_error(r)
 
-    cfg.write_text("device: a\nspace: s\nfolders:\n  - path: Textures\nfiles:\n  - path: x.bin\n")
+    cfg.write_text("device: a\nspace: s\nfolders:\n  - path: Textures\n  - path: Textures/sub\n")
     line = _one_line_error(run("agent", "--config", str(cfg)))
-    assert "line 3" in line and "folders" in line and "not supported yet" in line
+    assert "line 5" in line and "folders[1]" in line and "overlaps" in line
 
     r = run("agent", "--config", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "not found" in _one_line_error(r)

@@ -130,13 +130,15 @@ def test_simultaneous_edits_converge_and_the_loser_is_kept(
     assert copies[0].name.startswith(f"scene.conflict-{loser}-") and copies[0].read_bytes() == edits[loser]
     assert not conflict_copies(winner_dev), "the winner must not keep a conflict copy"
 
+    # Both edits are usually v2; one whose author saw the other arrive before publishing is v3
+    # (still concurrent: its vector says so).
     def v2_entries() -> list[dict[str, object]]:
-        return [v for v in versions(a) if v["version"] == 2]
+        return [v for v in versions(a) if v["version"] >= 2]
 
-    wait_until(lambda: len(v2_entries()) == 2, 20, "both v2 edits in the history", interval=0.3)
+    wait_until(lambda: len(v2_entries()) == 2, 20, "both edits in the history", interval=0.3)
     listed = versions(b)
     assert [v["hash"] for v in listed if v["version"] == 1] == [v1]
-    v2 = [v for v in listed if v["version"] == 2]
+    v2 = [v for v in listed if v["version"] >= 2]
     assert {v["hash"] for v in v2} == {winner_hash, loser_hash}
     lost = [v for v in v2 if v.get("kind") == "conflict"]
     assert len(lost) == 1, v2
@@ -146,8 +148,10 @@ def test_simultaneous_edits_converge_and_the_loser_is_kept(
 
     # The coordinator keeps the losing content too: once stored, its chunks are on the hub's disk
     # even with the loser gone.
-    wait_until(lambda: stored_from(net, 2, loser), 20, f"the coordinator to store {loser}'s v2")
-    wait_until(lambda: stored_from(net, 2, winner), 20, f"the coordinator to store {winner}'s v2")
+    wait_until(lambda: stored_from(net, int(lost[0]["version"]), loser), 20,  # type: ignore[call-overload]
+               f"the coordinator to store {loser}'s edit")
+    wait_until(lambda: stored_from(net, int(won["version"]), winner), 20,  # type: ignore[call-overload]
+               f"the coordinator to store {winner}'s edit")
     loser_chunks = chunks_of(copies[0])
     loser_dev.kill()
     store = chunk_store(net, tmp_path)
@@ -184,11 +188,13 @@ def test_three_devices_edit_at_once(tmp_path: Path, net: HubNet | MosquittoNet, 
         assert copies[0].read_bytes() == edits[d.name], f"{d.name}'s conflict copy is not its own edit"
     assert converged(devs, set(by_hash)) == winner_hash
 
+    # (An edit usually becomes v2; one whose author saw another v2 arrive before publishing is v3:
+    # still concurrent, as its vector says.)
     def conflicts() -> list[dict[str, object]]:
-        return [v for v in versions(devs[0]) if v["version"] == 2 and v.get("kind") == "conflict"]
+        return [v for v in versions(devs[0]) if v["version"] >= 2 and v.get("kind") == "conflict"]
 
     wait_until(lambda: len(conflicts()) == 2, 20, "two conflicts in the history", interval=0.3)
-    listed = [v for v in versions(devs[1]) if v["version"] == 2]
+    listed = [v for v in versions(devs[1]) if v["version"] >= 2]
     assert len(listed) == 3, listed
     assert {(v["author"], v["hash"]) for v in listed if v.get("kind") == "conflict"} == {
         (d.name, content_hash_of(edits[d.name])) for d in losers}

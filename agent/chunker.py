@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,16 @@ class Scan:
 
 class FileChanged(Exception):
     """The file changed while it was being read; scan it again after it settles."""
+
+
+TRUST_STAT_AFTER_NS = 2_000_000_000
+"""A file's (size, mtime_ns, inode) stands for its content only once it is older than this: a write
+within the file system's timestamp tick after we hashed it would leave the stat unchanged."""
+
+
+def stat_is_settled(st: FileStat) -> bool:
+    """Whether a stat is old enough to stand for the content it was hashed with."""
+    return time.time_ns() - st.mtime_ns > TRUST_STAT_AFTER_NS
 
 
 def stat_of(path: Path) -> FileStat | None:

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.chunker import FileChanged, FileStat, hash_file
+from agent.chunker import FileChanged, FileStat, hash_file, stat_is_settled
 from agent.config import FolderEntry
 from agent.ignore import IgnoreRules
 from schemas.messages import EMPTY_HASH, EntryKind, Head, encode
@@ -227,9 +227,7 @@ class FolderTask:
         state = self.engine.state
         # What vanished: files whose last synced content is no longer on disk.
         gone: list[FileTask] = []
-        for rel, task in list(self.files.items()):
-            if rel in files or not any(_under(rel, r) for r in roots):
-                continue
+        for _rel, task in self._candidates(roots, files):
             if task.vanished():
                 gone.append(task)
         # What appeared or changed, hashed only when the stat differs from what was observed.
@@ -239,7 +237,7 @@ class FolderTask:
             if found is None or found.index_stat == st:
                 continue
             cached = state.cached_hash(found.entry.file_id, (st.size, st.mtime_ns, st.inode))
-            if cached is not None:
+            if cached is not None and stat_is_settled(st):
                 found.observe(st, cached)
                 if cached != content_of(found.known):
                     found.mark_dirty()
@@ -271,10 +269,21 @@ class FolderTask:
         for tasks in by_content.values():
             for task in tasks:
                 task.request_delete(None)
-        self._look_dirs(dirs, roots)
+        await self._look_dirs(dirs, roots)
+
+    def _candidates(self, roots: list[str], present: dict[str, FileStat]) -> list[tuple[str, FileTask]]:
+        """Known files under the looked-at paths that are not on disk now."""
+        if "" in roots or any(r not in self.files for r in roots):
+            # A whole folder (or a folder that vanished): every known file below it.
+            wide = [r for r in roots if r == "" or r not in self.files]
+            out = [(rel, t) for rel, t in self.files.items()
+                   if rel not in present and any(_under(rel, r) for r in wide)]
+            out += [(r, self.files[r]) for r in roots if r in self.files and r not in present and r not in wide]
+            return out
+        return [(r, self.files[r]) for r in roots if r not in present]
 
     # -- folders as entries -------------------------------------------------------------------------
-    def _look_dirs(self, dirs: set[str], roots: list[str]) -> None:
+    async def _look_dirs(self, dirs: set[str], roots: list[str]) -> None:
         state = self.engine.state
         for rel in sorted(dirs):
             known = state.synced.get(self.file_id(rel))
@@ -282,23 +291,23 @@ class FolderTask:
             if rel in self.pending_rmdir:
                 continue
             if known is None or known.deleted:
-                self._publish_dir(rel, deleted=False)
+                await self._publish_dir(rel, deleted=False)
         for rel in sorted(self.observed_dirs, reverse=True):
             if rel in dirs or not any(_under(rel, r) for r in roots):
                 continue
             self.observed_dirs.discard(rel)
             known = state.synced.get(self.file_id(rel))
             if known is not None and not known.deleted and known.kind is EntryKind.DIR:
-                self._publish_dir(rel, deleted=True)
+                await self._publish_dir(rel, deleted=True)
         # Folders known as synced that are not on disk (removed while the agent was stopped).
         if "" in roots:
             for fid, head in list(state.synced.items()):
                 if head.kind is EntryKind.DIR and not head.deleted and fid.startswith(self.entry.folder_id + "/"):
                     rel = fid[len(self.entry.folder_id) + 1 :]
                     if rel not in dirs and rel not in self.pending_rmdir and not self.rules.ignored_path(rel):
-                        self._publish_dir(rel, deleted=True)
+                        await self._publish_dir(rel, deleted=True)
 
-    def _publish_dir(self, rel: str, *, deleted: bool) -> None:
+    async def _publish_dir(self, rel: str, *, deleted: bool) -> None:
         eng = self.engine
         if not eng.session.connected:
             self.pending.add(rel)
@@ -311,7 +320,7 @@ class FolderTask:
                     parent=known.hash if known else None, deleted=deleted, vector=next_vector(known, me, version),
                     kind=EntryKind.DIR)
         eng.state.set_synced(head)
-        eng.session.publish(head_topic(eng.cfg.space, fid), encode(head), retain=True)
+        await eng.session.publish_paced(head_topic(eng.cfg.space, fid), encode(head), retain=True)
         log.info("%s: published folder %s (v%d)", fid, "deletion" if deleted else "entry", version)
 
     def on_dir_head(self, rel: str, head: Head) -> None:

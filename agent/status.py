@@ -34,6 +34,7 @@ from schemas.messages import (
     decode_lock,
     decode_presence,
 )
+from schemas.mqtt import STATE_QOS
 from schemas.rules import presence_is_current, supersedes
 from schemas.topics import TopicError, TopicKind, all_heads_filter, all_locks_filter, all_presence_filter, parse_topic
 
@@ -92,7 +93,7 @@ async def _collect(cfg: AgentConfig) -> tuple[_Collected, StatusReply | None]:
     got = _Collected(cfg.space)
     rpc = _Rpc(cfg, on_other=got.on_message)
     for flt in (all_presence_filter(cfg.space), all_heads_filter(cfg.space), all_locks_filter(cfg.space)):
-        rpc.session.subscribe(flt)
+        rpc.session.subscribe(flt, qos=STATE_QOS)
     async with _connect(cfg, rpc):
         try:
             reply = await rpc.call(lambda req_id, token: StatusRequest(req_id=req_id, reply_to=token))

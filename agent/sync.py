@@ -22,7 +22,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.apply import Assembly, ContentMismatch, remove_stale_temps
-from agent.chunker import FileChanged, FileStat, Scan, hash_file, scan_file, stat_of
+from agent.chunker import FileChanged, FileStat, Scan, hash_file, scan_file, stat_is_settled, stat_of
 from agent.config import AgentConfig, FileEntry
 from agent.folder import FolderTask, UnsafePath
 from agent.state import AgentState
@@ -52,7 +52,7 @@ from schemas.messages import (
     decode_presence,
     encode,
 )
-from schemas.mqtt import MqttSession, Will
+from schemas.mqtt import STATE_QOS, MqttSession, Will
 from schemas.rules import (
     RemoteAction,
     Startup,
@@ -96,7 +96,10 @@ MAX_CONFLICT_SOURCES = 16
 MAX_PARALLEL_APPLIES = 16
 """Files fetched at once: enough to fill the pipe with small files, few enough for the brokers'
 per-client queues (Mosquitto drops past max_queued_messages)."""
-STATE_SAVE_INTERVAL = 0.5
+STATE_SAVE_INTERVAL = 2.0
+REANNOUNCE_AFTER = 5.0
+"""After (re)connecting, a synced head the broker did not send within this long is published again."""
+
 WRITE_BITS = 0o222
 
 
@@ -156,6 +159,7 @@ class FileTask:
         """Its content was moved away by an applied rename: its own deletion is on the way."""
         self._move_src: FileTask | None = None
         self._delete_req: tuple[str | None] | None = None
+        self._announce_if_missing = False
 
     # -- hints from other owners (run on the loop, never block) -----------------------------
     def hint_local(self, quick: bool) -> None:
@@ -302,9 +306,15 @@ class FileTask:
                 return
             self.reconcile_due = False
             await self._reconcile()
+        if self._announce_if_missing and self.engine.session.connected:
+            self._announce_if_missing = False
+            if self.remote_conn != eng.session.connect_count and self.known is not None and (
+                    content_of(self.known) == self.local_hash):
+                log.info("%s: the broker holds no head; re-publishing v%d", self.entry.file_id, self.known.version)
+                await self._announce(self.known)
         if self._move_src is not None:
             src, self._move_src = self._move_src, None
-            self._publish_moved(src)
+            await self._publish_moved(src)
             src.request_delete(self.entry.file_id)
         if self._delete_req is not None:
             (moved_to,), self._delete_req = self._delete_req, None
@@ -322,7 +332,7 @@ class FileTask:
                 # (not when we announced ours after this head arrived: ours replaced it already)
                 log.info("%s: broker holds an older head (v%d); re-publishing v%d",
                          self.entry.file_id, self.remote.version, self.known.version)
-                self._announce(self.known)
+                await self._announce(self.known)
         if self.dirty:
             self.dirty = False
             await self._check_local()
@@ -345,8 +355,13 @@ class FileTask:
         elif decision is Startup.CONFLICT and remote is not None:
             await self._apply(remote, keep_local=True)
         elif decision is Startup.PUBLISH_LOCAL:
-            if self.known is not None and content_of(self.known) == self.local_hash:
-                self._announce(self.known)
+            if self.known is not None and content_of(self.known) == self.local_hash and remote is None:
+                # No retained head arrived (yet): the broker may have lost it, or it is still on its
+                # way among thousands.  Put ours back only if none has come after a while.
+                self._announce_if_missing = True
+                self.engine.wake_later(self, REANNOUNCE_AFTER)
+            elif self.known is not None and content_of(self.known) == self.local_hash:
+                await self._announce(self.known)
             elif self.folder is not None and (self.local_hash is None or content_of(self.known) is None):
                 self.folder.hint_rel(self.rel)  # a new or vanished file: the folder pairs renames
             else:
@@ -361,7 +376,7 @@ class FileTask:
             self.index, self.index_stat, self.local_hash = {}, None, None
             return
         cached = self.engine.state.cached_hash(self.entry.file_id, (st.size, st.mtime_ns, st.inode))
-        if cached is not None and cached == content_of(self.known):
+        if cached is not None and cached == content_of(self.known) and stat_is_settled(st):
             index = self._index_of(self.known)
             if index or self.known is None or self.known.size == 0:
                 self.index, self.index_stat, self.local_hash = index, st, cached
@@ -459,8 +474,12 @@ class FileTask:
             await self.publish_deletion(None)
             return
         self._missing_seen = False
-        if self.known is not None and self.local_hash == self.known.hash and await self._unchanged(self.known.hash):
-            return  # e.g. the watch event of our own apply: hashed, not chunked again
+        if self.known is not None and self.local_hash == self.known.hash:
+            st = stat_of(path)
+            if st is not None and st == self.index_stat and stat_is_settled(st):
+                return  # nothing touched it since it was hashed (a reconnect, a periodic look)
+            if await self._unchanged(self.known.hash):
+                return  # e.g. the watch event of our own apply: hashed, not chunked again
         scan = await self._rescan(wait=False)
         if scan is None or (self.known is not None and scan.hash == self.known.hash):
             return
@@ -477,7 +496,7 @@ class FileTask:
                 self.engine.state.put_blob(d, p)
         head = self._head_of(scan, next_version(self.known, self.remote), pages, digests)
         self._set_known(head)
-        self._announce(head)
+        await self._announce(head)
         log.info("%s: published v%d (%s, %d chunks)", head.file_id, head.version, _size(head.size), head.chunks)
 
     async def publish_deletion(self, moved_to: str | None) -> None:
@@ -502,11 +521,11 @@ class FileTask:
         self.expect_gone = False
         self.engine.state.set_stat(self.entry.file_id, None, None)
         self._set_known(head)
-        self._announce(head)
+        await self._announce(head)
         if moved_to is None:
             log.info("%s: published deletion (v%d)", head.file_id, version)
 
-    def _publish_moved(self, src: FileTask) -> None:
+    async def _publish_moved(self, src: FileTask) -> None:
         """This new path holds exactly the content ``src`` had: publish it as a move, no data sent."""
         content = src.known
         if content is None or content.deleted or not self.engine.session.connected:
@@ -522,7 +541,7 @@ class FileTask:
             self.index = dict(src.index) or self._index_of(content)
         self.engine.register_chunks(self)
         self._set_known(head)
-        self._announce(head)
+        await self._announce(head)
         log.info("%s: published v%d, moved from %s", head.file_id, version, src.entry.file_id)
 
     def _head_of(self, scan: Scan, version: int, pages: list[bytes], digests: list[str]) -> Head:
@@ -544,9 +563,13 @@ class FileTask:
                     "copy and the file returns to v%d", fid, lock.holder, self.known.version)
         await self._apply(self.known, keep_local=True, record=False)
 
-    def _announce(self, head: Head) -> None:
+    async def _announce(self, head: Head) -> None:
         self._announced_seq = self.remote_seq
-        self.engine.session.publish(head_topic(self.engine.cfg.space, head.file_id), encode(head), retain=True)
+        self._announce_if_missing = False
+        if not await self.engine.session.publish_paced(head_topic(self.engine.cfg.space, head.file_id), encode(head),
+                                                       retain=True):
+            self.reconcile_due = True  # not queued: announce it again
+            self.engine.wake_later(self, RETRY_DELAY)
 
     # -- transfer -> assemble -> verify -> apply --------------------------------------------
     async def _apply(self, head: Head, *, keep_local: bool, record: bool = True) -> None:
@@ -1087,8 +1110,9 @@ class Engine:
             log.warning("another client published this device as offline; reconnecting with a new epoch")
             self.session.drop_connection()
         elif p.epoch < epoch:
-            log.warning("the broker held a stale presence for this device (%s, epoch %d); re-publishing",
-                        p.state.value, p.epoch)
+            # (At every start the previous session's retained "offline" may arrive after our "online".)
+            log.debug("the broker held a stale presence for this device (%s, epoch %d); re-publishing",
+                      p.state.value, p.epoch)
             self.session.publish(presence_topic(self.cfg.space, self.cfg.device),
                                  self._presence(PresenceState.ONLINE, epoch), retain=True)
 
@@ -1109,16 +1133,16 @@ class Engine:
         skip = [cfg.source, cfg.state_dir]
         self.folders = [FolderTask(self, f, skip) for f in cfg.folders]
         if cfg.folders:  # a file id is one topic level: folders need every head and lock of the space
-            self.session.subscribe(all_heads_filter(cfg.space))
-            self.session.subscribe(all_locks_filter(cfg.space))
+            self.session.subscribe(all_heads_filter(cfg.space), qos=STATE_QOS)
+            self.session.subscribe(all_locks_filter(cfg.space), qos=STATE_QOS)
         else:
             for entry in cfg.files:
-                self.session.subscribe(head_topic(cfg.space, entry.file_id))
-                self.session.subscribe(lock_topic(cfg.space, entry.file_id))
+                self.session.subscribe(head_topic(cfg.space, entry.file_id), qos=STATE_QOS)
+                self.session.subscribe(lock_topic(cfg.space, entry.file_id), qos=STATE_QOS)
         for fid, head in list(self.state.synced.items()):  # files of folders synced before
             if head.kind is EntryKind.FILE:
                 self.task_for(fid, create=True)
-        self.session.subscribe(all_presence_filter(cfg.space))
+        self.session.subscribe(all_presence_filter(cfg.space), qos=STATE_QOS)
         self.session.subscribe(device_request_topic(cfg.space, cfg.device))
         self.session.subscribe(device_data_topic(cfg.space, cfg.device))
         watcher = Watcher([e.path for e in cfg.files], self._on_hint, [f.path for f in cfg.folders])

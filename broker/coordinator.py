@@ -64,7 +64,7 @@ from schemas.messages import (
     encode,
     first_error,
 )
-from schemas.mqtt import BrokerUrl, MqttSession
+from schemas.mqtt import STATE_QOS, BrokerUrl, MqttSession
 from schemas.names import check_name
 from schemas.rules import Relation, next_vector, relation, supersedes
 from schemas.topics import (
@@ -201,7 +201,7 @@ class Coordinator:
             retention or Retention())
         self._creds = (username, password, ca_file)
         self._pulls: dict[tuple[str, str, str], asyncio.Task[None]] = {}
-        self._pull_heads: dict[tuple[str, str, str], Head] = {}
+        self._pull_heads: dict[tuple[str, str], dict[str, Head]] = {}
         self._pull_slots = asyncio.Semaphore(MAX_PARALLEL_PULLS)
         self._stored: set[tuple[str, str, str]] = set()
         self.locks = LockBook(data_dir)
@@ -333,18 +333,21 @@ class Coordinator:
         key = (space, head.file_id, head.hash)
         if key in self._stored or (key in self._pulls and not self._pulls[key].done()):
             return
-        running = [h for (s, f, _d), h in self._pull_heads.items() if s == space and f == head.file_id]
+        running = list(self._pull_heads.get((space, head.file_id), {}).values())
         if running and all(relation(head, h) is Relation.DESCENDS for h in running):
             # Only a descendant makes a running pull pointless; a concurrent edit's is kept.
             self.exchange.abort(space, head.file_id, f"superseded by v{head.version}")
         task = asyncio.get_running_loop().create_task(self._pull(space, head, delay),
                                                       name=f"pull:{space}/{head.file_id}")
         self._pulls[key] = task
-        self._pull_heads[key] = head
+        self._pull_heads.setdefault((space, head.file_id), {})[head.hash] = head
 
         def forget(_task: asyncio.Task[None]) -> None:
             self._pulls.pop(key, None)
-            self._pull_heads.pop(key, None)
+            heads = self._pull_heads.get((space, head.file_id), {})
+            heads.pop(head.hash, None)
+            if not heads:
+                self._pull_heads.pop((space, head.file_id), None)
 
         task.add_done_callback(forget)
 
@@ -594,7 +597,7 @@ class Coordinator:
                     continue
                 latest = self.history.latest(space, file_id)
                 if latest is not None:
-                    self.session.publish(head_topic(space, file_id), encode(latest.head), retain=True)
+                    await self.session.publish_paced(head_topic(space, file_id), encode(latest.head), retain=True)
                     n += 1
         if n:
             log.info("re-published %d head(s) the broker did not hold", n)
@@ -656,9 +659,9 @@ class Coordinator:
             on_connected=self._on_connected, username=username, password=password, ca_file=ca_file,
         )
         self.exchange = BlobExchange(self.session, None, self)
-        self.session.subscribe(all_heads_filter("+"))
-        self.session.subscribe(all_presence_filter("+"))
-        self.session.subscribe(all_locks_filter("+"))
+        self.session.subscribe(all_heads_filter("+"), qos=STATE_QOS)
+        self.session.subscribe(all_presence_filter("+"), qos=STATE_QOS)
+        self.session.subscribe(all_locks_filter("+"), qos=STATE_QOS)
         self.session.subscribe(all_conflicts_filter("+"))
         for leaf in ("req", "data", "rpc"):
             self.session.subscribe(f"{ROOT}/+/hub/{leaf}")

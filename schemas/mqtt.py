@@ -25,7 +25,15 @@ from paho.mqtt.reasoncodes import ReasonCode
 log = logging.getLogger("atrius.mqtt")
 
 MAX_QUEUED_OUT = 4096
-"""Outgoing QoS 1 messages paho may hold; past it publish fails and the caller retries."""
+"""Outgoing QoS 1 messages paho may hold; past it publish fails (use :meth:`MqttSession.publish_paced`)."""
+PACE_OUT = 256
+"""``publish_paced`` waits while more than this many messages are not yet acknowledged by the broker."""
+STATE_QOS = 0
+"""Subscription QoS for retained state (heads, locks, presence).  Mosquitto queues at most
+``max_queued_messages`` (default 1,000) QoS 1 messages per subscriber and drops the rest, retained
+ones included: a device joining a space of 10,000 files would get only ~1,000 heads.  QoS 0
+deliveries to a connected client are not limited that way, and state is re-sent (retained) on
+every reconnect, so nothing is lost by it.  Data and requests keep QoS 1 with our own flow control."""
 
 
 class BrokerUrlError(ValueError):
@@ -213,6 +221,14 @@ class MqttSession:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("publish to %s not queued: %s", topic, paho.error_string(info.rc))
         return info
+
+    async def publish_paced(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Publish at QoS 1 once fewer than ``PACE_OUT`` messages are unacknowledged: a burst (a
+        folder of 10,000 new files) must not overflow paho's queue.  False if it was not queued."""
+        while self.connected and self.out_queue() >= PACE_OUT:
+            await asyncio.sleep(0.005)
+        info = self.publish(topic, payload, qos=1, retain=retain)
+        return info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
 
     def out_queue(self) -> int:
         """Outgoing QoS 1 messages not yet acknowledged by the broker (pacing, not delivery)."""

@@ -24,6 +24,8 @@ from schemas.messages import (
     DeviceRecord,
     EntryKind,
     Head,
+    HeadsReply,
+    HeadsRequest,
     LockState,
     MessageError,
     Presence,
@@ -97,6 +99,18 @@ async def _collect(cfg: AgentConfig) -> tuple[_Collected, StatusReply | None]:
     async with _connect(cfg, rpc):
         try:
             reply = await rpc.call(lambda req_id, token: StatusRequest(req_id=req_id, reply_to=token))
+            after: str | None = None
+            while True:  # every head from the store of record (a big space's retained burst may be cut short)
+                page = await rpc.call(
+                    lambda req_id, token, after=after: HeadsRequest(req_id=req_id, reply_to=token, after=after))
+                if not isinstance(page, HeadsReply):
+                    break
+                for h in page.heads:
+                    if supersedes(h, got.heads.get(h.file_id)):
+                        got.heads[h.file_id] = h
+                if not page.more or not page.heads:
+                    break
+                after = page.heads[-1].file_id
         except CommandError as exc:
             log.warning("%s; devices are shown without last-seen times and lock history", exc)
             reply = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -19,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from agent import __version__
 from agent.apply import Assembly, ContentMismatch, remove_stale_temps
@@ -40,9 +43,13 @@ from schemas.manifest import (
 )
 from schemas.messages import (
     EMPTY_HASH,
+    HUB_REPLY,
     MAX_ACTIVE_FILES,
     EntryKind,
     Head,
+    HeadsReply,
+    HeadsRequest,
+    HubReplyModel,
     LockState,
     MessageError,
     Presence,
@@ -51,6 +58,7 @@ from schemas.messages import (
     decode_lock,
     decode_presence,
     encode,
+    first_error,
 )
 from schemas.mqtt import STATE_QOS, MqttSession, Will
 from schemas.rules import (
@@ -74,9 +82,11 @@ from schemas.topics import (
     device_data_topic,
     device_request_topic,
     head_topic,
+    hub_rpc_topic,
     lock_topic,
     parse_topic,
     presence_topic,
+    rpc_reply_topic,
 )
 
 log = logging.getLogger("atrius.agent")
@@ -98,6 +108,7 @@ MAX_PARALLEL_APPLIES = 16
 per-client queues (Mosquitto drops past max_queued_messages)."""
 STATE_SAVE_INTERVAL = 2.0
 REANNOUNCE_AFTER = 5.0
+CATCH_UP_TIMEOUT = 5.0
 """After (re)connecting, a synced head the broker did not send within this long is published again."""
 
 WRITE_BITS = 0o222
@@ -860,6 +871,9 @@ class Engine:
         self._runners: list[asyncio.Task[None]] = []
         self.apply_slots = asyncio.Semaphore(MAX_PARALLEL_APPLIES)
         self.moves = asyncio.Lock()
+        self._token = secrets.token_hex(8)
+        self._pending: dict[str, asyncio.Future[HubReplyModel]] = {}
+        self._catch_up_task: asyncio.Task[None] | None = None
         """Held while a file is renamed for a remote move or removed for a remote deletion."""
         self.session: MqttSession
         self.exchange: BlobExchange
@@ -974,6 +988,10 @@ class Engine:
             task.on_reconnected()
         for folder in self.folders:
             folder.rescan_all()
+        if self.folders:
+            if self._catch_up_task is not None:
+                self._catch_up_task.cancel()
+            self._catch_up_task = asyncio.get_running_loop().create_task(self._catch_up(), name="catch-up")
 
     async def ready_after_connect(self) -> None:
         """Wait out the grace period in which retained messages arrive after (re)connecting."""
@@ -1050,6 +1068,54 @@ class Engine:
             self._on_presence(parsed.device, payload)
         elif kind is TopicKind.LOCK and parsed.file_id is not None:
             self._on_lock(parsed.file_id, payload)
+        elif kind is TopicKind.RPC_REPLY and parsed.token == self._token:
+            self._on_reply(payload)
+
+    # -- catching up on a big space from the coordinator ------------------------------------------
+    def _on_reply(self, payload: bytes) -> None:
+        try:
+            reply = HUB_REPLY.validate_json(payload)
+        except ValidationError as exc:
+            log.warning("dropped malformed reply: %s", first_error(exc))
+            return
+        fut = self._pending.get(reply.req_id)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+
+    async def _catch_up(self) -> None:
+        """Ask the coordinator for the heads of every synced folder, a page at a time.
+
+        Retained heads arrive in one burst on (re)connecting, and a broker may cut a burst short
+        (Mosquitto drops past its per-client queue, whatever the QoS, for a client that reads
+        slower than it sends).  Heads that did arrive are not harmed: the same head twice is
+        ignored."""
+        await asyncio.sleep(0.05)  # (our reply subscription goes out with the others)
+        n = 0
+        for folder in self.folders:
+            after: str | None = None
+            while True:
+                req_id = secrets.token_hex(8)
+                fut: asyncio.Future[HubReplyModel] = asyncio.get_running_loop().create_future()
+                self._pending[req_id] = fut
+                try:
+                    self.session.publish(hub_rpc_topic(self.cfg.space), encode(HeadsRequest(
+                        req_id=req_id, reply_to=self._token, prefix=folder.entry.folder_id + "/", after=after)))
+                    reply = await asyncio.wait_for(fut, CATCH_UP_TIMEOUT)
+                except TimeoutError:
+                    log.info("no coordinator answered; relying on the broker's retained heads")
+                    return
+                finally:
+                    self._pending.pop(req_id, None)
+                if not isinstance(reply, HeadsReply):
+                    return
+                for head in reply.heads:
+                    if self.cfg.folder_of(head.file_id) is not None:
+                        self._route_head(head)
+                n += len(reply.heads)
+                if not reply.more or not reply.heads:
+                    break
+                after = reply.heads[-1].file_id
+        log.debug("caught up on %d head(s) from the coordinator", n)
 
     def _on_lock(self, file_id: str, payload: bytes) -> None:
         task = self.task_for(file_id, create=bool(payload))
@@ -1070,6 +1136,10 @@ class Engine:
         except MessageError as exc:
             log.warning("dropped %s", exc)
             return
+        self._route_head(head)
+
+    def _route_head(self, head: Head) -> None:
+        file_id = head.file_id
         if head.kind is EntryKind.DIR:
             inside = self.cfg.folder_of(file_id)
             if inside is not None:
@@ -1145,6 +1215,8 @@ class Engine:
         self.session.subscribe(all_presence_filter(cfg.space), qos=STATE_QOS)
         self.session.subscribe(device_request_topic(cfg.space, cfg.device))
         self.session.subscribe(device_data_topic(cfg.space, cfg.device))
+        if cfg.folders:
+            self.session.subscribe(rpc_reply_topic(cfg.space, self._token))
         watcher = Watcher([e.path for e in cfg.files], self._on_hint, [f.path for f in cfg.folders])
         watcher.start()
         self.exchange.start()
@@ -1161,6 +1233,8 @@ class Engine:
             await stop.wait()
         finally:
             self._stopping = True
+            if self._catch_up_task is not None:
+                self._catch_up_task.cancel()
             for r in runners:
                 r.cancel()
             await asyncio.gather(*runners, return_exceptions=True)

@@ -23,6 +23,7 @@ One coordinator serves every space.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 import uuid
@@ -42,9 +43,12 @@ from schemas.locks import decide_lock, decide_unlock, expire
 from schemas.manifest import ChunkRef, ManifestError, decode_inline, decode_page
 from schemas.messages import (
     HUB_REQUEST,
+    MAX_HEADS_PAGE_BYTES,
     MAX_STATUS_DEVICES,
     MAX_STATUS_EVENTS,
     Head,
+    HeadsReply,
+    HeadsRequest,
     LockEvent,
     LockReply,
     LockRequest,
@@ -207,6 +211,7 @@ class Coordinator:
         self.locks = LockBook(data_dir)
         self.registry = DeviceRegistry(data_dir)
         self._lock_sent: dict[tuple[str, str], list[bytes]] = {}
+        self._file_ids: dict[str, list[str]] = {}
         self._heads_seen: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[object]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -282,6 +287,7 @@ class Coordinator:
             recorded = False
         if recorded:
             log.info("recorded %s/%s v%d by %s", space, head.file_id, head.version, head.author)
+            self._note_id(space, head.file_id)
         if cur is not None and cur.hash != head.hash:
             if recorded and relation(head, cur.head) is Relation.CONCURRENT:
                 self._concurrent(space, head, cur)
@@ -444,6 +450,8 @@ class Coordinator:
             reply = self._lock(space, req)
         elif isinstance(req, UnlockRequest):
             reply = self._unlock(space, req)
+        elif isinstance(req, HeadsRequest):
+            reply = self._heads(space, req)
         else:
             reply = self._status(space, req)
         self.session.publish(rpc_reply_topic(space, req.reply_to), encode(reply))
@@ -535,6 +543,35 @@ class Coordinator:
             for space in self.locks.spaces():
                 for lock in self.locks.locks(space):
                     self._current_lock(space, lock.file_id, now)
+
+    def _ids(self, space: str) -> list[str]:
+        """Every file id of a space with a history, sorted (kept up to date as heads are recorded)."""
+        ids = self._file_ids.get(space)
+        if ids is None:
+            ids = self._file_ids[space] = sorted(self.history.files(space))
+        return ids
+
+    def _note_id(self, space: str, file_id: str) -> None:
+        ids = self._ids(space)
+        i = bisect.bisect_left(ids, file_id)
+        if i == len(ids) or ids[i] != file_id:
+            ids.insert(i, file_id)
+
+    def _heads(self, space: str, req: HeadsRequest) -> HeadsReply:
+        ids = self._ids(space)
+        i = bisect.bisect_right(ids, req.after) if req.after is not None else bisect.bisect_left(ids, req.prefix)
+        heads: list[Head] = []
+        size = 0
+        while i < len(ids) and ids[i].startswith(req.prefix) and len(heads) < req.limit:
+            rec = self.history.latest(space, ids[i])
+            if rec is not None:
+                size += len(encode(rec.head))
+                if heads and size > MAX_HEADS_PAGE_BYTES:
+                    break
+                heads.append(rec.head)
+            i += 1
+        more = i < len(ids) and ids[i].startswith(req.prefix)
+        return HeadsReply(req_id=req.req_id, heads=heads, more=more)
 
     def _status(self, space: str, req: StatusRequest) -> StatusReply:
         return StatusReply(req_id=req.req_id, time=time.time(),

@@ -248,8 +248,26 @@ class StatusRequest(Model):
     reply_to: Token
 
 
+MAX_HEADS_PAGE = 500
+MAX_HEADS_PAGE_BYTES = 96 * 1024
+
+
+class HeadsRequest(Model):
+    """``hub/rpc``: the latest head of every file whose id starts with ``prefix``, in id order, a page
+    at a time after the id ``after``.  How a device catches up on a big space: retained messages
+    arrive in a burst the broker may cut short (Mosquitto's per-client queue)."""
+
+    kind: Literal["heads"] = "heads"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    reply_to: Token
+    prefix: Annotated[str, Field(max_length=512)] = ""
+    after: FileId | None = None
+    limit: Annotated[int, Field(ge=1, le=MAX_HEADS_PAGE)] = MAX_HEADS_PAGE
+
+
 HubRequest = Annotated[
-    VersionsRequest | RestoreRequest | LockRequest | UnlockRequest | StatusRequest, Field(discriminator="kind")]
+    VersionsRequest | RestoreRequest | LockRequest | UnlockRequest | StatusRequest | HeadsRequest,
+    Field(discriminator="kind")]
 
 
 class VersionsReply(Model):
@@ -326,8 +344,18 @@ class StatusReply(Model):
     lock_events: Annotated[list[LockEvent], Field(max_length=MAX_STATUS_EVENTS)] = []
 
 
-HubReplyModel = VersionsReply | RestoreReply | LockReply | StatusReply
-HubRequestModel = VersionsRequest | RestoreRequest | LockRequest | UnlockRequest | StatusRequest
+class HeadsReply(Model):
+    kind: Literal["heads"] = "heads"
+    req_id: Annotated[str, Field(min_length=1, max_length=64)]
+    ok: bool = True
+    error: Annotated[str, Field(max_length=500)] = ""
+    heads: Annotated[list[Head], Field(max_length=MAX_HEADS_PAGE)] = []
+    more: bool = False
+    """More heads follow: ask again with ``after`` = the last id of this page."""
+
+
+HubReplyModel = VersionsReply | RestoreReply | LockReply | StatusReply | HeadsReply
+HubRequestModel = VersionsRequest | RestoreRequest | LockRequest | UnlockRequest | StatusRequest | HeadsRequest
 HubReply = Annotated[HubReplyModel, Field(discriminator="kind")]
 HUB_REQUEST: TypeAdapter[HubRequestModel] = TypeAdapter(HubRequest)
 HUB_REPLY: TypeAdapter[HubReplyModel] = TypeAdapter(HubReply)

@@ -135,7 +135,8 @@ class _Rpc:
 
 
 @contextlib.asynccontextmanager
-async def _connect(cfg: AgentConfig, rpc: _Rpc | None = None) -> AsyncIterator[_Rpc]:
+async def connect_rpc(cfg: AgentConfig, rpc: _Rpc | None = None) -> AsyncIterator[_Rpc]:
+    """A connection of its own to ask the coordinator (``rpc.call``); CommandError if unreachable."""
     rpc = rpc or _Rpc(cfg)
     rpc.session.subscribe(rpc_reply_topic(cfg.space, rpc.token))
     rpc.session.start()
@@ -150,7 +151,7 @@ async def _connect(cfg: AgentConfig, rpc: _Rpc | None = None) -> AsyncIterator[_
 
 async def _all_versions(cfg: AgentConfig, file_id: str) -> list[VersionEntry]:
     out: list[VersionEntry] = []
-    async with _connect(cfg) as rpc:
+    async with connect_rpc(cfg) as rpc:
         while True:
             reply = await rpc.call(lambda req_id, token: VersionsRequest(
                 req_id=req_id, reply_to=token, file_id=file_id, offset=len(out), limit=MAX_VERSIONS_PAGE))
@@ -162,7 +163,7 @@ async def _all_versions(cfg: AgentConfig, file_id: str) -> list[VersionEntry]:
 
 
 async def _restore(cfg: AgentConfig, file_id: str, version: int) -> RestoreReply:
-    async with _connect(cfg) as rpc:
+    async with connect_rpc(cfg) as rpc:
         reply = await rpc.call(lambda req_id, token: RestoreRequest(
             req_id=req_id, reply_to=token, file_id=file_id, version=version, by=cfg.device))
     if not isinstance(reply, RestoreReply):
@@ -205,7 +206,7 @@ def cmd_restore(cfg: AgentConfig, name: str, version: int) -> int:
 
 
 async def _lock_call(cfg: AgentConfig, make: Callable[[str, str], HubRequestModel]) -> LockReply:
-    async with _connect(cfg) as rpc:
+    async with connect_rpc(cfg) as rpc:
         reply = await rpc.call(make)
     if not isinstance(reply, LockReply):
         raise CommandError("unexpected reply from the coordinator")

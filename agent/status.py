@@ -12,11 +12,12 @@ import enum
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.chunker import hash_file
-from agent.commands import CommandError, _connect, _Rpc
+from agent.commands import CommandError, _Rpc, connect_rpc
 from agent.config import AgentConfig
 from agent.state import read_synced
 from schemas.locks import describe
@@ -91,18 +92,33 @@ class _Collected:
             log.warning("ignored %s", exc)
 
 
+def _status_request(req_id: str, token: str) -> StatusRequest:
+    return StatusRequest(req_id=req_id, reply_to=token)
+
+
+def _heads_request(after: str | None) -> Callable[[str, str], HeadsRequest]:
+    def make(req_id: str, token: str) -> HeadsRequest:
+        return HeadsRequest(req_id=req_id, reply_to=token, after=after)
+
+    return make
+
+
 async def _collect(cfg: AgentConfig) -> tuple[_Collected, StatusReply | None]:
+    """Presence and locks from the broker; heads, last-seen times and lock history from the
+    coordinator (a big space's retained heads arrive in a burst the broker may cut short, and the
+    replies with them); the broker's retained heads only when the coordinator does not answer."""
     got = _Collected(cfg.space)
     rpc = _Rpc(cfg, on_other=got.on_message)
-    for flt in (all_presence_filter(cfg.space), all_heads_filter(cfg.space), all_locks_filter(cfg.space)):
+    for flt in (all_presence_filter(cfg.space), all_locks_filter(cfg.space)):
         rpc.session.subscribe(flt, qos=STATE_QOS)
-    async with _connect(cfg, rpc):
+    reply: StatusReply | None = None
+    async with connect_rpc(cfg, rpc):
         try:
-            reply = await rpc.call(lambda req_id, token: StatusRequest(req_id=req_id, reply_to=token))
+            first = await rpc.call(_status_request)
+            reply = first if isinstance(first, StatusReply) else None
             after: str | None = None
-            while True:  # every head from the store of record (a big space's retained burst may be cut short)
-                page = await rpc.call(
-                    lambda req_id, token, after=after: HeadsRequest(req_id=req_id, reply_to=token, after=after))
+            while True:
+                page = await rpc.call(_heads_request(after))
                 if not isinstance(page, HeadsReply):
                     break
                 for h in page.heads:
@@ -113,9 +129,9 @@ async def _collect(cfg: AgentConfig) -> tuple[_Collected, StatusReply | None]:
                 after = page.heads[-1].file_id
         except CommandError as exc:
             log.warning("%s; devices are shown without last-seen times and lock history", exc)
-            reply = None
-        await asyncio.sleep(max(0.0, RETAINED_WAIT - (0 if reply is None else 0.3)))
-    return got, reply if isinstance(reply, StatusReply) else None
+            rpc.session.subscribe(all_heads_filter(cfg.space), qos=STATE_QOS)
+        await asyncio.sleep(RETAINED_WAIT if reply is None else 0.3)
+    return got, reply
 
 
 def _conflict_copies(path: Path) -> list[Path]:

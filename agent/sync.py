@@ -10,9 +10,9 @@ presence map and the blob exchange, and routes each validated message to its own
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-import secrets
 import shutil
 import socket
 import threading
@@ -21,11 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from agent import __version__
 from agent.apply import Assembly, ContentMismatch, remove_stale_temps
 from agent.chunker import FileChanged, FileStat, Scan, hash_file, scan_file, stat_is_settled, stat_of
+from agent.commands import CommandError, connect_rpc
 from agent.config import AgentConfig, FileEntry
 from agent.folder import FolderTask, UnsafePath
 from agent.state import AgentState
@@ -43,13 +42,11 @@ from schemas.manifest import (
 )
 from schemas.messages import (
     EMPTY_HASH,
-    HUB_REPLY,
     MAX_ACTIVE_FILES,
     EntryKind,
     Head,
     HeadsReply,
     HeadsRequest,
-    HubReplyModel,
     LockState,
     MessageError,
     Presence,
@@ -58,7 +55,6 @@ from schemas.messages import (
     decode_lock,
     decode_presence,
     encode,
-    first_error,
 )
 from schemas.mqtt import STATE_QOS, MqttSession, Will
 from schemas.rules import (
@@ -82,11 +78,9 @@ from schemas.topics import (
     device_data_topic,
     device_request_topic,
     head_topic,
-    hub_rpc_topic,
     lock_topic,
     parse_topic,
     presence_topic,
-    rpc_reply_topic,
 )
 
 log = logging.getLogger("atrius.agent")
@@ -108,7 +102,6 @@ MAX_PARALLEL_APPLIES = 16
 per-client queues (Mosquitto drops past max_queued_messages)."""
 STATE_SAVE_INTERVAL = 2.0
 REANNOUNCE_AFTER = 5.0
-CATCH_UP_TIMEOUT = 5.0
 """After (re)connecting, a synced head the broker did not send within this long is published again."""
 
 WRITE_BITS = 0o222
@@ -814,6 +807,10 @@ class FileTask:
         eng.session.publish(conflict_topic(eng.cfg.space, fid), encode(lost))
 
 
+def _heads_request(prefix: str, after: str | None, req_id: str, token: str) -> HeadsRequest:
+    return HeadsRequest(req_id=req_id, reply_to=token, prefix=prefix, after=after)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -871,8 +868,6 @@ class Engine:
         self._runners: list[asyncio.Task[None]] = []
         self.apply_slots = asyncio.Semaphore(MAX_PARALLEL_APPLIES)
         self.moves = asyncio.Lock()
-        self._token = secrets.token_hex(8)
-        self._pending: dict[str, asyncio.Future[HubReplyModel]] = {}
         self._catch_up_task: asyncio.Task[None] | None = None
         """Held while a file is renamed for a remote move or removed for a remote deletion."""
         self.session: MqttSession
@@ -1068,53 +1063,34 @@ class Engine:
             self._on_presence(parsed.device, payload)
         elif kind is TopicKind.LOCK and parsed.file_id is not None:
             self._on_lock(parsed.file_id, payload)
-        elif kind is TopicKind.RPC_REPLY and parsed.token == self._token:
-            self._on_reply(payload)
 
     # -- catching up on a big space from the coordinator ------------------------------------------
-    def _on_reply(self, payload: bytes) -> None:
-        try:
-            reply = HUB_REPLY.validate_json(payload)
-        except ValidationError as exc:
-            log.warning("dropped malformed reply: %s", first_error(exc))
-            return
-        fut = self._pending.get(reply.req_id)
-        if fut is not None and not fut.done():
-            fut.set_result(reply)
-
     async def _catch_up(self) -> None:
         """Ask the coordinator for the heads of every synced folder, a page at a time.
 
         Retained heads arrive in one burst on (re)connecting, and a broker may cut a burst short
         (Mosquitto drops past its per-client queue, whatever the QoS, for a client that reads
-        slower than it sends).  Heads that did arrive are not harmed: the same head twice is
-        ignored."""
-        await asyncio.sleep(0.05)  # (our reply subscription goes out with the others)
+        slower than it sends).  The pages come over a connection of their own, which no burst
+        fills.  Heads that did arrive are not harmed: the same head twice is ignored."""
         n = 0
-        for folder in self.folders:
-            after: str | None = None
-            while True:
-                req_id = secrets.token_hex(8)
-                fut: asyncio.Future[HubReplyModel] = asyncio.get_running_loop().create_future()
-                self._pending[req_id] = fut
-                try:
-                    self.session.publish(hub_rpc_topic(self.cfg.space), encode(HeadsRequest(
-                        req_id=req_id, reply_to=self._token, prefix=folder.entry.folder_id + "/", after=after)))
-                    reply = await asyncio.wait_for(fut, CATCH_UP_TIMEOUT)
-                except TimeoutError:
-                    log.info("no coordinator answered; relying on the broker's retained heads")
-                    return
-                finally:
-                    self._pending.pop(req_id, None)
-                if not isinstance(reply, HeadsReply):
-                    return
-                for head in reply.heads:
-                    if self.cfg.folder_of(head.file_id) is not None:
-                        self._route_head(head)
-                n += len(reply.heads)
-                if not reply.more or not reply.heads:
-                    break
-                after = reply.heads[-1].file_id
+        try:
+            async with connect_rpc(self.cfg) as rpc:
+                for folder in self.folders:
+                    after: str | None = None
+                    while True:
+                        reply = await rpc.call(functools.partial(_heads_request, folder.entry.folder_id + "/", after))
+                        if not isinstance(reply, HeadsReply):
+                            return
+                        for head in reply.heads:
+                            if self.cfg.folder_of(head.file_id) is not None:
+                                self._route_head(head)
+                        n += len(reply.heads)
+                        if not reply.more or not reply.heads:
+                            break
+                        after = reply.heads[-1].file_id
+        except CommandError as exc:
+            log.info("catching up from the coordinator: %s; relying on the broker's retained heads", exc)
+            return
         log.debug("caught up on %d head(s) from the coordinator", n)
 
     def _on_lock(self, file_id: str, payload: bytes) -> None:
@@ -1215,8 +1191,6 @@ class Engine:
         self.session.subscribe(all_presence_filter(cfg.space), qos=STATE_QOS)
         self.session.subscribe(device_request_topic(cfg.space, cfg.device))
         self.session.subscribe(device_data_topic(cfg.space, cfg.device))
-        if cfg.folders:
-            self.session.subscribe(rpc_reply_topic(cfg.space, self._token))
         watcher = Watcher([e.path for e in cfg.files], self._on_hint, [f.path for f in cfg.folders])
         watcher.start()
         self.exchange.start()

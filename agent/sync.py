@@ -310,7 +310,9 @@ class FileTask:
                 return
             self.reconcile_due = False
             await self._reconcile()
-        if self._announce_if_missing and self.engine.session.connected:
+        if self._announce_if_missing and self.folder is not None and eng.catching_up:
+            eng.wake_later(self, 1.0)  # the coordinator's list of heads may still bring it
+        elif self._announce_if_missing and self.engine.session.connected:
             self._announce_if_missing = False
             if self.remote_conn != eng.session.connect_count and self.known is not None and (
                     content_of(self.known) == self.local_hash):
@@ -869,6 +871,7 @@ class Engine:
         self.apply_slots = asyncio.Semaphore(MAX_PARALLEL_APPLIES)
         self.moves = asyncio.Lock()
         self._catch_up_task: asyncio.Task[None] | None = None
+        self.catching_up = False
         """Held while a file is renamed for a remote move or removed for a remote deletion."""
         self.session: MqttSession
         self.exchange: BlobExchange
@@ -1073,6 +1076,7 @@ class Engine:
         slower than it sends).  The pages come over a connection of their own, which no burst
         fills.  Heads that did arrive are not harmed: the same head twice is ignored."""
         n = 0
+        self.catching_up = True
         try:
             async with connect_rpc(self.cfg) as rpc:
                 for folder in self.folders:
@@ -1091,7 +1095,9 @@ class Engine:
         except CommandError as exc:
             log.info("catching up from the coordinator: %s; relying on the broker's retained heads", exc)
             return
-        log.debug("caught up on %d head(s) from the coordinator", n)
+        finally:
+            self.catching_up = False
+        log.info("caught up on %d head(s) from the coordinator", n)
 
     def _on_lock(self, file_id: str, payload: bytes) -> None:
         task = self.task_for(file_id, create=bool(payload))

@@ -842,3 +842,20 @@ def test_move_fields_in_json() -> None:
     assert data["moved_from"] is None
     assert data["deleted"] is True
     assert decode_head("art/hero.png", encode(gone)) == gone
+
+
+# -- heads: catching up on a big space ------------------------------------------------------------
+
+
+def test_heads_request_and_reply_round_trip() -> None:
+    from schemas.messages import HUB_REPLY, HUB_REQUEST, MAX_HEADS_PAGE, HeadsReply, HeadsRequest
+
+    req = HeadsRequest(req_id="r1", reply_to="tok12345", prefix="textures/", after="textures/a.png")
+    assert HUB_REQUEST.validate_json(req.model_dump_json()) == req
+    assert HeadsRequest(req_id="r1", reply_to="tok12345").prefix == ""
+    head = Head(file_id="textures/a.png", hash="a" * 64, size=0, version=1, author="alice")
+    reply = HeadsReply(req_id="r1", heads=[head], more=True)
+    assert HUB_REPLY.validate_json(reply.model_dump_json()) == reply
+    for bad in ({"limit": 0}, {"limit": MAX_HEADS_PAGE + 1}, {"after": "../x"}, {"prefix": "x" * 513}):
+        with pytest.raises(ValidationError):
+            HeadsRequest.model_validate({"req_id": "r1", "reply_to": "tok12345", **bad})

@@ -273,14 +273,13 @@ class FolderTask:
 
     def _candidates(self, roots: list[str], present: dict[str, FileStat]) -> list[tuple[str, FileTask]]:
         """Known files under the looked-at paths that are not on disk now."""
-        if "" in roots or any(r not in self.files for r in roots):
-            # A whole folder (or a folder that vanished): every known file below it.
-            wide = [r for r in roots if r == "" or r not in self.files]
-            out = [(rel, t) for rel, t in self.files.items()
-                   if rel not in present and any(_under(rel, r) for r in wide)]
-            out += [(r, self.files[r]) for r in roots if r in self.files and r not in present and r not in wide]
-            return out
-        return [(r, self.files[r]) for r in roots if r not in present]
+        out: dict[str, FileTask] = {}  # (a file may be named by its own hint and by its folder's)
+        wide = [r for r in roots if r == "" or r not in self.files]
+        if wide:  # a whole folder (or a folder that vanished): every known file below it
+            out.update((rel, t) for rel, t in self.files.items()
+                       if rel not in present and any(_under(rel, r) for r in wide))
+        out.update((r, self.files[r]) for r in roots if r in self.files and r not in present)
+        return list(out.items())
 
     # -- folders as entries -------------------------------------------------------------------------
     async def _look_dirs(self, dirs: set[str], roots: list[str]) -> None:

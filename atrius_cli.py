@@ -27,7 +27,7 @@ class UsageError(Exception):
 log = logging.getLogger("atrius")
 
 
-ONE_SHOT = {"versions", "restore", "lock", "unlock", "status"}
+ONE_SHOT = {"versions", "restore", "lock", "unlock", "status", "init"}
 """Commands that answer and exit: their stderr is one readable line per problem, not a log."""
 
 
@@ -138,6 +138,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from agent.status import cmd_status
 
     return main_command(args.config, lambda cfg: cmd_status(cfg, as_json=args.json))
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from agent.init import main_init
+
+    return main_init(args.output, broker=args.broker, space=args.space, device=args.device, force=args.force)
 
 
 def _duration(text: str) -> float:
@@ -256,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", required=True, help="agent YAML file (device, space and broker)")
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=_cmd_status)
+
+    sp = sub.add_parser("init", help="write a commented starter agent.yaml for this device",
+                        epilog="example: atrius init --broker mqtt://studio-server:1883 --space my-game")
+    sp.add_argument("--broker", help="broker URL (default mqtt://127.0.0.1:1883)")
+    sp.add_argument("--space", default="my-game", help="space name (default my-game)")
+    sp.add_argument("--device", help="device name (default: from the host name)")
+    sp.add_argument("--output", "-o", default="agent.yaml", help="file to write (default agent.yaml)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sp.set_defaults(func=_cmd_init)
 
     sp = sub.add_parser("agent", help="sync the files listed in a YAML config",
                         epilog="example: atrius agent --config agent.yaml")

@@ -89,3 +89,44 @@ def test_hub_port_in_use_exit_1(tmp_path: Path) -> None:
         r = run("hub", "--port", str(port), "--data", str(tmp_path / "d"))
     assert r.returncode == 1
     assert "cannot listen on 127.0.0.1" in _one_line_error(r)
+
+
+def test_init_writes_a_starter_config_that_loads(tmp_path: Path) -> None:
+    from agent.config import load_config
+    from agent.init import device_name
+
+    r = run("init", "--broker", "mqtt://studio-server:1884", "--space", "my-game", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "atrius agent --config agent.yaml" in r.stdout
+    cfg = load_config(tmp_path / "agent.yaml")
+    assert cfg.device == device_name() and cfg.space == "my-game"
+    assert (cfg.broker.host, cfg.broker.port) == ("studio-server", 1884)
+    assert [f.folder_id for f in cfg.folders] == ["assets"]
+    text = (tmp_path / "agent.yaml").read_text()
+    assert text.count("#") > 10  # commented, not bare
+    # Never overwrites by accident; --force does.
+    before = text
+    r = run("init", "--device", "other-pc", cwd=tmp_path)
+    assert r.returncode == 2 and "exists" in _one_line_error(r) and "--force" in r.stderr
+    assert (tmp_path / "agent.yaml").read_text() == before
+    r = run("init", "--device", "other-pc", "--force", "-o", "cfg/b.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    again = load_config(tmp_path / "cfg" / "b.yaml")
+    assert again.device == "other-pc" and str(again.broker) == "mqtt://127.0.0.1:1883"
+
+
+def test_init_refuses_bad_values(tmp_path: Path) -> None:
+    r = run("init", "--broker", "http://example.org", cwd=tmp_path)
+    assert r.returncode == 2 and "mqtt://" in _one_line_error(r)
+    r = run("init", "--device", "bad name!", cwd=tmp_path)
+    assert r.returncode == 2 and "not a valid name" in _one_line_error(r)
+    assert not (tmp_path / "agent.yaml").exists()
+
+
+def test_device_name_from_host() -> None:
+    from agent.init import device_name
+
+    assert device_name("Alice's MacBook Pro.local") == "Alice-s-MacBook-Pro"
+    assert device_name("ws-07.studio.lan") == "ws-07"
+    assert device_name("???") == "device"
+    assert len(device_name("x" * 100)) == 64

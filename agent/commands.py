@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -22,6 +23,9 @@ from schemas.messages import (
     MAX_REPLY_MESSAGE,
     MAX_TTL,
     MAX_VERSIONS_PAGE,
+    Head,
+    HeadsReply,
+    HeadsRequest,
     HubReplyModel,
     HubRequestModel,
     LockOutcome,
@@ -73,8 +77,18 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "unknown"
+
+
+def human_size(n: int) -> str:
+    """``12 B``, ``4.5 KiB``, ``1.2 MiB``... for logs and tables."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
 
 
 def resolve_file_id(cfg: AgentConfig, name: str) -> str:
@@ -261,3 +275,21 @@ def cmd_unlock(cfg: AgentConfig, name: str, *, force: bool) -> int:
         log.error("%s", reply.error)
         return EXIT_LOCKED
     raise CommandError(reply.error or f"unlock refused ({reply.outcome.value})")
+
+
+async def head_pages(rpc: _Rpc, prefix: str = "") -> AsyncIterator[list[Head]]:
+    """Every latest head the coordinator holds whose id starts with ``prefix``, a page at a time."""
+    after: str | None = None
+    while True:
+        reply = await rpc.call(functools.partial(_heads_request, prefix, after))
+        if not isinstance(reply, HeadsReply):
+            return
+        if reply.heads:
+            yield reply.heads
+        if not reply.more or not reply.heads:
+            return
+        after = reply.heads[-1].file_id
+
+
+def _heads_request(prefix: str, after: str | None, req_id: str, token: str) -> HeadsRequest:
+    return HeadsRequest(req_id=req_id, reply_to=token, prefix=prefix, after=after)

@@ -12,12 +12,11 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.chunker import hash_file
-from agent.commands import CommandError, _Rpc, connect_rpc
+from agent.commands import CommandError, _Rpc, _when, connect_rpc, head_pages, human_size
 from agent.config import AgentConfig
 from agent.state import read_synced
 from schemas.locks import describe
@@ -25,8 +24,6 @@ from schemas.messages import (
     DeviceRecord,
     EntryKind,
     Head,
-    HeadsReply,
-    HeadsRequest,
     LockState,
     MessageError,
     Presence,
@@ -96,13 +93,6 @@ def _status_request(req_id: str, token: str) -> StatusRequest:
     return StatusRequest(req_id=req_id, reply_to=token)
 
 
-def _heads_request(after: str | None) -> Callable[[str, str], HeadsRequest]:
-    def make(req_id: str, token: str) -> HeadsRequest:
-        return HeadsRequest(req_id=req_id, reply_to=token, after=after)
-
-    return make
-
-
 async def _collect(cfg: AgentConfig) -> tuple[_Collected, StatusReply | None]:
     """Presence and locks from the broker; heads, last-seen times and lock history from the
     coordinator (a big space's retained heads arrive in a burst the broker may cut short, and the
@@ -116,17 +106,10 @@ async def _collect(cfg: AgentConfig) -> tuple[_Collected, StatusReply | None]:
         try:
             first = await rpc.call(_status_request)
             reply = first if isinstance(first, StatusReply) else None
-            after: str | None = None
-            while True:
-                page = await rpc.call(_heads_request(after))
-                if not isinstance(page, HeadsReply):
-                    break
-                for h in page.heads:
+            async for heads in head_pages(rpc):
+                for h in heads:
                     if supersedes(h, got.heads.get(h.file_id)):
                         got.heads[h.file_id] = h
-                if not page.more or not page.heads:
-                    break
-                after = page.heads[-1].file_id
         except CommandError as exc:
             log.warning("%s; devices are shown without last-seen times and lock history", exc)
             rpc.session.subscribe(all_heads_filter(cfg.space), qos=STATE_QOS)
@@ -170,19 +153,6 @@ def local_state(path: Path | None, head: Head | None, synced: Head | None, me: P
     if synced is not None and synced.hash == local:
         return LocalState.BEHIND, local
     return LocalState.MODIFIED, local
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
-
-
-def _when(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "unknown"
 
 
 @dataclass(frozen=True)
@@ -284,7 +254,7 @@ def cmd_status(cfg: AgentConfig, *, as_json: bool) -> int:
     for f in files:
         lock_text = f"locked by {got.locks[f.file_id].holder}" if f.lock else "-"
         version = f"v{f.version}" if f.version else "-"
-        size = _size(f.size) if f.size is not None else "-"
+        size = human_size(f.size) if f.size is not None else "-"
         print(f"  {f.file_id:<32} {version:>7} {size:>10}  {f.author or '-':<16} {lock_text:<24} {f.local}")
     print(f"\nLOCKS ({len(locks)})")
     for lock in locks:

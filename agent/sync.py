@@ -10,7 +10,6 @@ presence map and the blob exchange, and routes each validated message to its own
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 from agent import __version__
 from agent.apply import Assembly, ContentMismatch, remove_stale_temps
 from agent.chunker import FileChanged, FileStat, Scan, hash_file, scan_file, stat_is_settled, stat_of
-from agent.commands import CommandError, connect_rpc
+from agent.commands import CommandError, connect_rpc, head_pages, human_size
 from agent.config import AgentConfig, FileEntry
 from agent.folder import FolderTask, UnsafePath
 from agent.state import AgentState
@@ -45,8 +44,6 @@ from schemas.messages import (
     MAX_ACTIVE_FILES,
     EntryKind,
     Head,
-    HeadsReply,
-    HeadsRequest,
     LockState,
     MessageError,
     Presence,
@@ -503,7 +500,7 @@ class FileTask:
         head = self._head_of(scan, next_version(self.known, self.remote), pages, digests)
         self._set_known(head)
         await self._announce(head)
-        log.info("%s: published v%d (%s, %d chunks)", head.file_id, head.version, _size(head.size), head.chunks)
+        log.info("%s: published v%d (%s, %d chunks)", head.file_id, head.version, human_size(head.size), head.chunks)
 
     async def publish_deletion(self, moved_to: str | None) -> None:
         """The file is gone here: publish a deletion (receivers keep their copy in snapshots)."""
@@ -650,7 +647,7 @@ class FileTask:
             self.engine.note_receiving(fid, False)
         ms = (time.perf_counter() - t0) * 1000
         log.info("%s: applied v%d from %s (%s; %d chunks fetched, %d reused, %d resumed) in %.0f ms",
-                 fid, head.version, head.author, _size(head.size), len(needed), reused, asm.resumed, ms)
+                 fid, head.version, head.author, human_size(head.size), len(needed), reused, asm.resumed, ms)
 
     async def _apply_deletion(self, head: Head) -> None:
         """Another device deleted the file: move the local copy into the snapshots (never a hard
@@ -809,10 +806,6 @@ class FileTask:
         eng.session.publish(conflict_topic(eng.cfg.space, fid), encode(lost))
 
 
-def _heads_request(prefix: str, after: str | None, req_id: str, token: str) -> HeadsRequest:
-    return HeadsRequest(req_id=req_id, reply_to=token, prefix=prefix, after=after)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -833,14 +826,6 @@ def _rename_durably(src: Path, dest: Path) -> None:
     _fsync_dir(dest.parent)
     if src.parent != dest.parent:
         _fsync_dir(src.parent)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 class Engine:
@@ -1080,18 +1065,11 @@ class Engine:
         try:
             async with connect_rpc(self.cfg) as rpc:
                 for folder in self.folders:
-                    after: str | None = None
-                    while True:
-                        reply = await rpc.call(functools.partial(_heads_request, folder.entry.folder_id + "/", after))
-                        if not isinstance(reply, HeadsReply):
-                            return
-                        for head in reply.heads:
+                    async for heads in head_pages(rpc, folder.entry.folder_id + "/"):
+                        for head in heads:
                             if self.cfg.folder_of(head.file_id) is not None:
                                 self._route_head(head)
-                        n += len(reply.heads)
-                        if not reply.more or not reply.heads:
-                            break
-                        after = reply.heads[-1].file_id
+                        n += len(heads)
         except CommandError as exc:
             log.info("catching up from the coordinator: %s; relying on the broker's retained heads", exc)
             return

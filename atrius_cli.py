@@ -105,6 +105,12 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     return main_agent(args.config, tui=args.tui, run=run_until_signal)
 
 
+def _cmd_tui(args: argparse.Namespace) -> int:
+    from agent.cli import main_tui
+
+    return main_tui(args.config, run=run_until_signal)
+
+
 def _cmd_versions(args: argparse.Namespace) -> int:
     from agent.cli import main_command
     from agent.commands import cmd_versions
@@ -275,8 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("agent", help="sync the files listed in a YAML config",
                         epilog="example: atrius agent --config agent.yaml")
     sp.add_argument("--config", required=True, help="agent YAML file")
-    sp.add_argument("--tui", action="store_true", help="live terminal UI (coming in a later release)")
+    sp.add_argument("--tui", action="store_true",
+                    help="show the live terminal UI (devices, files, transfers, events) while syncing; "
+                         "plain log lines on stdout when it is not a terminal")
     sp.set_defaults(func=_cmd_agent)
+
+    sp = sub.add_parser("tui", help="watch a space live in the terminal without syncing anything",
+                        epilog="example: atrius tui --config agent.yaml   (Ctrl-C to quit)")
+    sp.add_argument("--config", required=True, help="agent YAML file (space and broker; this device's files "
+                                                     "give the local column)")
+    sp.set_defaults(func=_cmd_tui)
 
     sp = sub.add_parser("demo", help="two devices syncing through the embedded hub on this machine",
                         epilog="example: atrius demo   (or: atrius demo --forever)")

@@ -105,14 +105,17 @@ def resolve_file_id(cfg: AgentConfig, name: str) -> str:
 class _Rpc:
     """Request/reply with the coordinator over ``hub/rpc`` and a private ``reply/{token}`` topic."""
 
-    def __init__(self, cfg: AgentConfig, on_other: Callable[[str, bytes], None] | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, on_other: Callable[[str, bytes], None] | None = None, *,
+                 on_connected: Callable[[], None] | None = None,
+                 on_disconnected: Callable[[], None] | None = None, role: str = "cli") -> None:
         self.cfg = cfg
         self.on_other = on_other
         self.token = secrets.token_hex(8)
         self.reply_topic = rpc_reply_topic(cfg.space, self.token)
         self.pending: dict[str, asyncio.Future[HubReplyModel]] = {}
         self.session = MqttSession(
-            cfg.broker, f"atrius-cli-{cfg.device}-{self.token[:6]}", on_message=self._on_message,
+            cfg.broker, f"atrius-{role}-{cfg.device}-{self.token[:6]}", on_message=self._on_message,
+            on_connected=on_connected, on_disconnected=on_disconnected,
             username=cfg.username, password=cfg.password, ca_file=cfg.ca_file,
         )
 

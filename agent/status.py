@@ -8,16 +8,17 @@ state dir (the agent need not be running).
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent.chunker import hash_file
+from agent.chunker import FileChanged, hash_file
 from agent.commands import CommandError, _Rpc, _when, connect_rpc, head_pages, human_size
 from agent.config import AgentConfig
+from agent.events import LocalState
 from agent.state import read_synced
 from schemas.locks import describe
 from schemas.messages import (
@@ -42,18 +43,6 @@ log = logging.getLogger("atrius.cli")
 
 RETAINED_WAIT = 0.8
 """Seconds to collect the retained presence, head and lock messages after subscribing."""
-
-
-class LocalState(enum.StrEnum):
-    IN_SYNC = "in sync"
-    SENDING = "sending"
-    RECEIVING = "receiving"
-    MODIFIED = "locally modified"
-    CONFLICT = "conflict"
-    BEHIND = "behind"
-    """The local copy is an older version (the agent is not running, or has not caught up)."""
-    MISSING = "missing"
-    NOT_HERE = "not on this device"
 
 
 @dataclass
@@ -128,17 +117,20 @@ def _glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
+def hash_or_none(path: Path) -> str | None:
+    """The content hash of a local file, None when it is missing or unreadable."""
+    try:
+        return hash_file(path)[0]
+    except (OSError, FileChanged):
+        return None
+
+
 def local_state(path: Path | None, head: Head | None, synced: Head | None, me: Presence | None,
-                file_id: str) -> tuple[LocalState, str | None]:
-    """The local state of one file and its local content hash."""
+                file_id: str, hasher: Callable[[Path], str | None] = hash_or_none) -> tuple[LocalState, str | None]:
+    """The local state of one file and its local content hash (``hasher`` may answer from a cache)."""
     if path is None:
         return LocalState.NOT_HERE, None
-    try:
-        local = hash_file(path)[0]
-    except FileNotFoundError:
-        local = None
-    except OSError:
-        local = None
+    local = hasher(path)
     if me is not None and me.state is PresenceState.ONLINE:
         if file_id in me.receiving:
             return LocalState.RECEIVING, local

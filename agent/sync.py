@@ -25,6 +25,18 @@ from agent.apply import Assembly, ContentMismatch, remove_stale_temps
 from agent.chunker import FileChanged, FileStat, Scan, hash_file, scan_file, stat_is_settled, stat_of
 from agent.commands import CommandError, connect_rpc, head_pages, human_size
 from agent.config import AgentConfig, FileEntry
+from agent.events import (
+    Connection,
+    Direction,
+    EventSink,
+    HeadSeen,
+    LocalChanged,
+    LocalState,
+    LockSeen,
+    NullSink,
+    PresenceSeen,
+    TransferProgress,
+)
 from agent.folder import FolderTask, UnsafePath
 from agent.state import AgentState
 from agent.watcher import QUICK_MS, Watcher
@@ -102,6 +114,8 @@ REANNOUNCE_AFTER = 5.0
 """After (re)connecting, a synced head the broker did not send within this long is published again."""
 
 WRITE_BITS = 0o222
+PROGRESS_EVERY = 0.1
+"""Seconds between transfer progress events for the UI."""
 
 
 class ScanError(RuntimeError):
@@ -124,6 +138,31 @@ class _PageSink:
 
     def put(self, digest: str, data: memoryview) -> None:
         self.pages[digest] = bytes(data)
+
+
+class _ProgressSink:
+    """Passes chunks on to the assembly and reports the bytes received to the UI (at most every
+    PROGRESS_EVERY seconds, and at the end)."""
+
+    def __init__(self, asm: Assembly, events: EventSink, file_id: str, peer: str, done: int, total: int) -> None:
+        self.asm, self.events, self.file_id, self.peer = asm, events, file_id, peer
+        self.done, self.total, self.start = done, total, done
+        self._last = 0.0
+        self._report(finished=False)
+
+    def put(self, digest: str, data: memoryview) -> None:
+        self.asm.put(digest, data)
+        self.done += len(data)
+        if time.monotonic() - self._last >= PROGRESS_EVERY:
+            self._report(finished=False)
+
+    def _report(self, *, finished: bool) -> None:
+        self._last = time.monotonic()
+        self.events.emit(TransferProgress(self.file_id, Direction.IN, self.done, self.total, self.peer,
+                                          finished=finished, ok=self.done >= self.total))
+
+    def finish(self) -> None:
+        self._report(finished=True)
 
 
 class FileTask:
@@ -242,6 +281,7 @@ class FileTask:
         old, self.lock = self.lock, lock
         if old != lock:
             fid = self.entry.file_id
+            self.engine.events.emit(LockSeen(fid, lock))
             if lock is None:
                 log.info("%s: unlocked", fid)
             elif old is None or old.holder != lock.holder:
@@ -456,9 +496,12 @@ class FileTask:
             off += c.length
         self.index, self.index_stat = index, st
 
-    def _set_known(self, head: Head) -> None:
+    def _set_known(self, head: Head, local: LocalState = LocalState.IN_SYNC) -> None:
+        """The local content is ``head`` now (published, applied, or found in sync)."""
         self.known = head
         self.engine.state.set_synced(head)
+        self.engine.events.emit(HeadSeen(head))
+        self.engine.events.emit(LocalChanged(head.file_id, local, str(self.entry.path)))
 
     # -- scan -> chunk -> announce -----------------------------------------------------------
     async def _check_local(self) -> None:
@@ -488,6 +531,7 @@ class FileTask:
             return
         if not self.engine.session.connected:
             self.dirty = True  # publish after reconnecting
+            self.engine.events.emit(LocalChanged(self.entry.file_id, LocalState.MODIFIED, str(path)))
             return
         if self.locked_by_other() and self.lock is not None:
             await self._revert_locked_edit(self.lock)
@@ -621,10 +665,15 @@ class FileTask:
                 reused = len(asm.where) - len(needed) - asm.resumed
                 if needed:
                     order = [e.hash for e in entries if e.hash in needed]
-                    await self.engine.exchange.fetch(
-                        self.engine.cfg.space, fid, order, self._providers_for(head), asm,
-                        give_up_after=FETCH_GIVE_UP,
-                    )
+                    missing = sum(asm.lengths[d] for d in needed)
+                    progress = _ProgressSink(asm, self.engine.events, fid, head.author, head.size - missing, head.size)
+                    try:
+                        await self.engine.exchange.fetch(
+                            self.engine.cfg.space, fid, order, self._providers_for(head), progress,
+                            give_up_after=FETCH_GIVE_UP,
+                        )
+                    finally:
+                        progress.finish()
                 await asyncio.to_thread(asm.finish, head.hash)
                 if self.remote is not None and on_remote_head(self.remote, head, "") is RemoteAction.APPLY:
                     return  # a newer head arrived meanwhile; the loop applies that one
@@ -757,6 +806,7 @@ class FileTask:
         eng = self.engine
         st = stat_of(path)
         mode: int | None = None
+        kept_copy = False
         if st is not None:
             mode = os.stat(path).st_mode & 0o7777
             if st != self.index_stat:
@@ -765,6 +815,7 @@ class FileTask:
             unpublished_edit = self.local_hash is not None and not published and self.local_hash != head.hash
             if (keep_local and self.local_hash != head.hash) or unpublished_edit:
                 await self._keep_conflict_copy(head, record=record and unpublished_edit)
+                kept_copy = True
             label = f"v{self.known.version}-{self.known.hash[:12]}" if (
                 self.known and self.known.hash == self.local_hash) else f"local-{(self.local_hash or 'x')[:12]}"
             await asyncio.to_thread(eng.state.snapshot, head.file_id, path, label, eng.cfg.keep_snapshots)
@@ -776,7 +827,7 @@ class FileTask:
         if st is not None:
             eng.state.set_stat(head.file_id, (st.size, st.mtime_ns, st.inode), head.hash)
         eng.register_chunks(self)
-        self._set_known(head)
+        self._set_known(head, LocalState.CONFLICT if kept_copy else LocalState.IN_SYNC)
         self.enforce_mode()
 
     async def _keep_conflict_copy(self, head: Head, *, record: bool) -> None:
@@ -831,9 +882,12 @@ def _rename_durably(src: Path, dest: Path) -> None:
 class Engine:
     """Owns the session, presence map and exchange; routes messages to file owners."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, events: EventSink | None = None) -> None:
         self.cfg = cfg
+        self.events: EventSink = events or NullSink()
+        """Where state events go for a UI (nowhere by default)."""
         self.state = AgentState(cfg.state_dir)
+        self._sent_bytes: dict[str, int] = {}
         self.presence: dict[str, Presence] = {}
         self.tasks: dict[str, FileTask] = {}
         self._by_path: dict[Path, FileTask] = {}
@@ -890,11 +944,16 @@ class Engine:
             self._receiving.discard(file_id)
         self._activity_changed()
 
-    def _note_sending(self, file_id: str) -> None:
+    def _note_sending(self, file_id: str, nbytes: int = 0) -> None:
         first = file_id not in self._sent_at or time.monotonic() - self._sent_at[file_id] >= SENDING_HOLD
         self._sent_at[file_id] = time.monotonic()
         if first:
+            self._sent_bytes[file_id] = 0
             self._activity_changed()
+        self._sent_bytes[file_id] = self._sent_bytes.get(file_id, 0) + nbytes
+        task = self.tasks.get(file_id)
+        size = task.known.size if task is not None and task.known is not None else None
+        self.events.emit(TransferProgress(file_id, Direction.OUT, self._sent_bytes[file_id], size))
 
     def _activity_changed(self) -> None:
         if self._activity_timer is None and self._loop is not None:
@@ -908,6 +967,8 @@ class Engine:
         now = time.monotonic()
         for f in [f for f, t in self._sent_at.items() if now - t >= SENDING_HOLD]:
             del self._sent_at[f]
+            sent = self._sent_bytes.pop(f, 0)
+            self.events.emit(TransferProgress(f, Direction.OUT, sent, sent, finished=True))
         if (sending, receiving) == self._activity_shown or not self.session.connected:
             return
         with self._epoch_lock:
@@ -967,6 +1028,7 @@ class Engine:
         self._connected_at = asyncio.get_running_loop().time()
         self.session.publish(presence_topic(self.cfg.space, self.cfg.device),
                              self._presence(PresenceState.ONLINE, epoch), retain=True)
+        self.events.emit(Connection(True, str(self.cfg.broker)))
         for task in self.tasks.values():
             task.on_reconnected()
         for folder in self.folders:
@@ -975,6 +1037,9 @@ class Engine:
             if self._catch_up_task is not None:
                 self._catch_up_task.cancel()
             self._catch_up_task = asyncio.get_running_loop().create_task(self._catch_up(), name="catch-up")
+
+    def _in_grace(self) -> bool:
+        return self._loop is not None and self._loop.time() - self._connected_at < RETAINED_GRACE
 
     async def ready_after_connect(self) -> None:
         """Wait out the grace period in which retained messages arrive after (re)connecting."""
@@ -1004,8 +1069,6 @@ class Engine:
     # -- BlobSource: serve chunks of our current files and manifest pages -------------------
     def read_blobs(self, space: str, file_id: str, digests: list[str]) -> list[tuple[str, bytes | None]]:
         """Runs in a worker thread: reads chunks from the listed files and the conflict copies."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._note_sending, file_id)
         first = self.tasks.get(file_id)
         extra = list(reversed(self.conflict_sources))
         out: list[tuple[str, bytes | None]] = []
@@ -1029,6 +1092,9 @@ class Engine:
             if data is None:
                 data = self.state.get_blob(d)
             out.append((d, data))
+        if self._loop is not None:
+            sent = sum(len(data) for _d, data in out if data is not None)
+            self._loop.call_soon_threadsafe(self._note_sending, file_id, sent)
         return out
 
     # -- incoming messages ----------------------------------------------------------------------
@@ -1126,6 +1192,7 @@ class Engine:
             if current is None or current.state is not p.state:
                 log.info("device %s is %s", device, p.state.value)
             self.presence[device] = p
+            self.events.emit(PresenceSeen(p, initial=self._in_grace()))
 
     def _check_own_presence(self, p: Presence) -> None:
         """The broker must hold this session's "online": put it back over anything else there
@@ -1153,6 +1220,7 @@ class Engine:
         self.session = MqttSession(
             cfg.broker, f"atrius-{cfg.space}-{cfg.device}",
             on_message=self._on_message, on_connected=self._on_connected, will=self._will,
+            on_disconnected=lambda: self.events.emit(Connection(False, str(cfg.broker))),
             username=cfg.username, password=cfg.password, ca_file=cfg.ca_file,
         )
         self.exchange = BlobExchange(self.session, cfg.device, self)
@@ -1172,6 +1240,9 @@ class Engine:
         for fid, head in list(self.state.synced.items()):  # files of folders synced before
             if head.kind is EntryKind.FILE:
                 self.task_for(fid, create=True)
+        for task in self.tasks.values():  # what the UI shows before the broker answers
+            if task.known is not None:
+                self.events.emit(HeadSeen(task.known, initial=True))
         self.session.subscribe(all_presence_filter(cfg.space), qos=STATE_QOS)
         self.session.subscribe(device_request_topic(cfg.space, cfg.device))
         self.session.subscribe(device_data_topic(cfg.space, cfg.device))

@@ -139,9 +139,9 @@ def transfers_table(view: SpaceView, now: float, rows: int) -> RenderableType:
     if not items:
         return Text("no transfers", style="dim")
     t = Table(box=None, expand=True, show_edge=False, pad_edge=False, show_header=False)
-    t.add_column("who", no_wrap=True, max_width=14, overflow="ellipsis")
-    t.add_column("file", ratio=3, min_width=16, no_wrap=True, overflow="ellipsis")
-    t.add_column("bar", width=12, no_wrap=True)
+    t.add_column("who", no_wrap=True, max_width=15, overflow="ellipsis")
+    t.add_column("file", ratio=3, min_width=20, no_wrap=True, overflow="ellipsis")
+    t.add_column("bar", width=10, no_wrap=True)
     t.add_column("pct", justify="right", width=4, no_wrap=True)
     t.add_column("rate", justify="right", no_wrap=True)
     t.add_column("eta", justify="right", no_wrap=True)
@@ -160,10 +160,9 @@ def _transfer_cells(tr: Transfer, now: float) -> tuple[Text, Text, ProgressBar |
     if tr.finished_at is not None and not tr.ok:
         return who, name, Text("failed", style="red"), "", "", ""
     if frac is None:
-        bar = ProgressBar(total=None, width=12, pulse=True, animation_time=now)
-        what = "receiving" if tr.direction is Direction.IN else "sending"
-        return who, name, bar, "", what if tr.total is None else human_size(tr.total), ""
-    bar = ProgressBar(total=1.0, completed=frac, width=12,
+        bar = ProgressBar(total=None, width=10, pulse=True, animation_time=now)
+        return who, name, bar, "", "", ""
+    bar = ProgressBar(total=1.0, completed=frac, width=10,
                       complete_style="green" if tr.finished_at is not None else "cyan")
     rate = tr.rate()
     rate_text = f"{human_size(int(rate))}/s" if rate else ""
@@ -186,17 +185,17 @@ def header(view: SpaceView) -> Text:
     online = sum(d.online for d in view.devices.values())
     t = Text()
     t.append(" Atrius ", style="bold white on blue")
-    t.append(f"  space {view.space}", style="bold")
+    t.append(f" {view.space}", style="bold")
     if view.broker:
-        t.append(f"  ·  {view.broker}")
+        t.append(f" · {view.broker}")
     if view.me:
-        t.append(f"  ·  on {view.me}")
-    t.append("  ·  ")
+        t.append(f" · on {view.me}")
+    t.append(" · ")
     t.append("● connected" if view.connected else "○ not connected", style="green" if view.connected else "red")
-    t.append(f"  ·  {online}/{len(view.devices)} online  ·  {len(view.file_rows())} files")
+    t.append(f" · {online}/{len(view.devices)} online · {len(view.file_rows())} files")
     active = view.active_transfers()
     if active:
-        t.append(f"  ·  {active} transfer{'s' if active != 1 else ''}", style="cyan")
+        t.append(f" · {active} transfer{'s' if active != 1 else ''}", style="cyan")
     return t
 
 

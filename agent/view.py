@@ -161,11 +161,16 @@ class SpaceView:
                       f"kept as a conflict copy on {h.author}", Level.WARNING)
         elif isinstance(ev, LocalChanged):
             row = self._file(ev.file_id)
-            row.local = ev.state
+            was, row.local = row.local, ev.state
             if ev.path is not None:
                 row.path = ev.path
-            if ev.state is LocalState.CONFLICT and not self.narrate:
-                self.totals.conflicts += 1
+            if ev.state is LocalState.CONFLICT and was is not LocalState.CONFLICT:
+                row.changed = t
+                if self.agent:  # (the agent's own log says where the copy is)
+                    self.totals.conflicts += 1
+                elif was is not None:
+                    self.totals.conflicts += 1
+                    self._say(f"{ev.file_id}: a conflict copy is beside {self.me}'s file", Level.WARNING)
         elif isinstance(ev, TransferProgress):
             self._transfer(ev, ev.at if now is None else now)
         elif isinstance(ev, LogLine):

@@ -173,7 +173,7 @@ def _retention(args: argparse.Namespace) -> RetentionPolicy:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import main_demo
 
-    return main_demo(forever=args.forever, size=args.size)
+    return main_demo(forever=args.forever, size=args.size, screenshot=args.screenshot)
 
 
 def _positive_int(text: str) -> int:
@@ -183,22 +183,55 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 1-65535, got {value}")
+    return value
+
+
+EXIT_CODES = "exit codes: 0 ok, 1 runtime error, 2 usage or config error"
+ONE_SHOT_EXIT = EXIT_CODES + " (1 also: no broker or coordinator within 5 s, unknown file)"
+
+
+def _epilog(*lines: str) -> str:
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from agent import __version__
 
+    raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
         prog="atrius",
         description="Real-time file sync for game teams over MQTT.",
-        epilog="example: atrius hub --data .atrius-hub    then on each device: atrius agent --config agent.yaml",
+        epilog=_epilog(
+            "example: atrius hub --data .atrius-hub            (on the machine that keeps the history)",
+            "example: atrius init --broker mqtt://hub-host:1883 (on each device, then edit agent.yaml)",
+            "example: atrius agent --config agent.yaml",
+            "",
+            "Global options go before the command (atrius -v status --config agent.yaml).",
+            "Run atrius COMMAND --help for the options of one command.",
+            EXIT_CODES + ", 3 lock held by someone else",
+        ),
+        formatter_class=raw,
     )
-    p.add_argument("--version", action="version", version=f"atrius {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    p.add_argument("--log-file", help="also write the log to this file")
+    p.add_argument("--version", action="version", version=f"atrius {__version__}",
+                   help="print 'atrius VERSION' and exit")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and a traceback with unexpected errors (default: info logging, "
+                        "errors as one line)")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="also write the log to this file, appending (default: stderr only)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def listen_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-        sp.add_argument("--port", type=int, default=1883, help="port to listen on (default 1883)")
+        sp.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 for every interface (default 127.0.0.1)")
+        sp.add_argument("--port", type=_port, default=1883, help="port to listen on (default 1883)")
 
     def retention_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--keep-versions", action="append", metavar="[SPACE=]N",
@@ -208,94 +241,176 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the content of versions younger than D days (default: all); "
                              "SPACE=D sets it for one space; repeatable")
 
+    def config_arg(sp: argparse.ArgumentParser, what: str = "device, space and broker") -> None:
+        sp.add_argument("--config", required=True, metavar="FILE", help=f"agent YAML file ({what}); required")
+
+    def file_id_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("file_id", metavar="FILE_ID",
+                        help="logical file id, or a local path the config maps to one (a listed file, "
+                             "or any path inside a synced folder)")
+
     sp = sub.add_parser("hub", help="embedded MQTT broker + coordinator in one process",
-                        epilog="example: atrius hub --port 1883 --data .atrius-hub --keep-versions 50")
+                        description="Run an embedded MQTT broker and the coordinator (history, catch-up, "
+                                    "locks) in one process until Ctrl-C / SIGTERM. Configured by flags only.",
+                        epilog=_epilog("example: atrius hub --host 0.0.0.0 --port 1883 --data ~/atrius-hub",
+                                       "example: atrius hub --keep-versions 100 --keep-versions big-game=20 "
+                                       "--keep-days big-game=14",
+                                       EXIT_CODES + " (1 also: cannot listen on the port)"),
+                        formatter_class=raw)
     listen_args(sp)
-    sp.add_argument("--data", default=".atrius-hub", help="coordinator data dir (default .atrius-hub)")
+    sp.add_argument("--data", default=".atrius-hub", metavar="DIR",
+                    help="coordinator data dir: version history and chunks (default .atrius-hub)")
     retention_args(sp)
     sp.set_defaults(func=_cmd_hub)
 
-    sp = sub.add_parser("broker", help="embedded MQTT broker only (amqtt)", epilog="example: atrius broker --port 1883")
+    sp = sub.add_parser("broker", help="embedded MQTT broker only (amqtt)",
+                        description="Run the embedded MQTT 3.1.1 broker (amqtt) alone, without the coordinator, "
+                                    "until Ctrl-C / SIGTERM.",
+                        epilog=_epilog("example: atrius broker --host 0.0.0.0 --port 1883",
+                                       EXIT_CODES + " (1 also: cannot listen on the port)"),
+                        formatter_class=raw)
     listen_args(sp)
     sp.set_defaults(func=_cmd_broker)
 
     sp = sub.add_parser("coordinator", help="coordinator against any MQTT 3.1.1 broker (e.g. Mosquitto)",
-                        epilog="example: atrius coordinator --broker mqtt://127.0.0.1:1883 --data .atrius-hub")
-    sp.add_argument("--broker", required=True, help="broker URL, mqtt://host:port or mqtts://host:port")
-    sp.add_argument("--data", default=".atrius-hub", help="data dir (default .atrius-hub)")
-    sp.add_argument("--username")
-    sp.add_argument("--password")
-    sp.add_argument("--ca-file")
+                        description="Run the coordinator (history, catch-up, locks) as a client of an existing "
+                                    "MQTT 3.1.1 broker until Ctrl-C / SIGTERM. Configured by flags only.",
+                        epilog=_epilog("example: atrius coordinator --broker mqtt://127.0.0.1:1883 --data ~/atrius-hub",
+                                       "example: atrius coordinator --broker mqtts://mq.studio.lan --ca-file ca.pem "
+                                       "--username coord --password secret",
+                                       EXIT_CODES),
+                        formatter_class=raw)
+    sp.add_argument("--broker", required=True, metavar="URL",
+                    help="broker URL, mqtt://host[:port] (default port 1883) or mqtts://host[:port] "
+                         "(TLS, default port 8883); required")
+    sp.add_argument("--data", default=".atrius-hub", metavar="DIR",
+                    help="data dir: version history and chunks (default .atrius-hub)")
+    sp.add_argument("--username", metavar="U", help="MQTT user name (default: none)")
+    sp.add_argument("--password", metavar="P", help="MQTT password (default: none)")
+    sp.add_argument("--ca-file", metavar="F", help="CA bundle for mqtts:// (default: the system CAs)")
     retention_args(sp)
     sp.set_defaults(func=_cmd_coordinator)
 
     sp = sub.add_parser("versions", help="list every version of a file, newest first",
-                        epilog="example: atrius versions art/hero.png --config agent.yaml --json")
-    sp.add_argument("file_id", metavar="FILE_ID", help="logical file id, or a local path listed in the config")
-    sp.add_argument("--config", required=True, help="agent YAML file (space and broker)")
-    sp.add_argument("--json", action="store_true", help="print a JSON list")
+                        description="List every version of a file the coordinator recorded, newest first.",
+                        epilog=_epilog("example: atrius versions art/hero.png --config agent.yaml",
+                                       "example: atrius versions Art/hero.png --config agent.yaml --json",
+                                       ONE_SHOT_EXIT),
+                        formatter_class=raw)
+    file_id_arg(sp)
+    config_arg(sp, "space and broker")
+    sp.add_argument("--json", action="store_true",
+                    help="print a JSON list of objects with version, hash, size, author, time, ... "
+                         "(default: a table)")
     sp.set_defaults(func=_cmd_versions)
 
     sp = sub.add_parser("restore", help="make an earlier version the new head on every device",
-                        epilog="example: atrius restore art/hero.png --version 3 --config agent.yaml")
-    sp.add_argument("file_id", metavar="FILE_ID", help="logical file id, or a local path listed in the config")
-    sp.add_argument("--version", type=_positive_int, required=True, help="the version to restore")
-    sp.add_argument("--config", required=True, help="agent YAML file (space and broker)")
+                        description="Make version N the new head: a new version with N's content, delivered to "
+                                    "every device. Restoring the version before a deletion brings the file back.",
+                        epilog=_epilog("example: atrius restore art/hero.png --version 3 --config agent.yaml",
+                                       EXIT_CODES + " (1 also: no broker or coordinator within 5 s, "
+                                                    "unknown file or version)"),
+                        formatter_class=raw)
+    file_id_arg(sp)
+    sp.add_argument("--version", type=_positive_int, required=True, metavar="N",
+                    help="the version to restore, as listed by atrius versions; required")
+    config_arg(sp)
     sp.set_defaults(func=_cmd_restore)
 
     sp = sub.add_parser("lock", help="lock a file for this device: read-only on every other device",
-                        epilog="example: atrius lock art/hero.png --config agent.yaml --ttl 4h --note 'repainting'\n"
-                               "exit codes: 0 locked, 3 locked by another device, 1 refused or failed",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sp.add_argument("file_id", metavar="FILE_ID", help="logical file id, or a local path listed in the config")
-    sp.add_argument("--config", required=True, help="agent YAML file (device, space and broker)")
+                        description="Lock a file for this device: read-only on every other device until you "
+                                    "unlock it or the TTL runs out. Locking a file you hold renews it.",
+                        epilog=_epilog("example: atrius lock art/hero.png --config agent.yaml --ttl 4h "
+                                       "--note 'repainting'",
+                                       "exit codes: 0 locked, 3 locked by another device, 1 refused or failed, "
+                                       "2 usage or config error"),
+                        formatter_class=raw)
+    file_id_arg(sp)
+    config_arg(sp)
     sp.add_argument("--ttl", type=_duration, metavar="DURATION",
-                    help="release the lock by itself after this long, e.g. 90s, 30m, 4h, 2d (default: never)")
-    sp.add_argument("--note", default="", help="a note shown to others, e.g. what you are doing")
+                    help="release the lock by itself after this long, e.g. 90s, 30m, 4h, 2d, 1h30m "
+                         "(default: never)")
+    sp.add_argument("--note", default="", help="a note shown to others, e.g. what you are doing (default: none)")
     sp.set_defaults(func=_cmd_lock)
 
     sp = sub.add_parser("unlock", help="release a lock (--force: another device's, recorded in the history)",
-                        epilog="example: atrius unlock art/hero.png --config agent.yaml\n"
-                               "exit codes: 0 unlocked or not locked, 3 locked by another device, 1 failed",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sp.add_argument("file_id", metavar="FILE_ID", help="logical file id, or a local path listed in the config")
-    sp.add_argument("--config", required=True, help="agent YAML file (device, space and broker)")
-    sp.add_argument("--force", action="store_true", help="break a lock held by another device")
+                        description="Release your lock on a file; --force breaks another device's lock "
+                                    "(recorded in the lock history).",
+                        epilog=_epilog("example: atrius unlock art/hero.png --config agent.yaml",
+                                       "example: atrius unlock art/hero.png --config agent.yaml --force",
+                                       "exit codes: 0 unlocked or not locked, 3 locked by another device, 1 failed, "
+                                       "2 usage or config error"),
+                        formatter_class=raw)
+    file_id_arg(sp)
+    config_arg(sp)
+    sp.add_argument("--force", action="store_true",
+                    help="break a lock held by another device (default: only your own lock)")
     sp.set_defaults(func=_cmd_unlock)
 
     sp = sub.add_parser("status", help="devices, files, locks and local state of a space",
-                        epilog="example: atrius status --config agent.yaml --json")
-    sp.add_argument("--config", required=True, help="agent YAML file (device, space and broker)")
-    sp.add_argument("--json", action="store_true", help="print JSON")
+                        description="Print the devices, files, locks and recent lock events of the space, with "
+                                    "the local state of each file. The agent need not be running.",
+                        epilog=_epilog("example: atrius status --config agent.yaml",
+                                       "example: atrius status --config agent.yaml --json",
+                                       EXIT_CODES + " (1 also: no broker; or no coordinator, table still printed)"),
+                        formatter_class=raw)
+    config_arg(sp)
+    sp.add_argument("--json", action="store_true", help="print one JSON object (default: tables)")
     sp.set_defaults(func=_cmd_status)
 
     sp = sub.add_parser("init", help="write a commented starter agent.yaml for this device",
-                        epilog="example: atrius init --broker mqtt://studio-server:1883 --space my-game")
-    sp.add_argument("--broker", help="broker URL (default mqtt://127.0.0.1:1883)")
-    sp.add_argument("--space", default="my-game", help="space name (default my-game)")
-    sp.add_argument("--device", help="device name (default: from the host name)")
-    sp.add_argument("--output", "-o", default="agent.yaml", help="file to write (default agent.yaml)")
-    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+                        description="Write a commented starter agent config for this device (auth and TLS "
+                                    "commented out). Never overwrites an existing file without --force.",
+                        epilog=_epilog("example: atrius init --broker mqtt://studio-server:1883 --space my-game",
+                                       "example: atrius init --device alice-pc -o configs/alice.yaml --force",
+                                       EXIT_CODES + " (2 also: the file exists, a bad URL or name)"),
+                        formatter_class=raw)
+    sp.add_argument("--broker", metavar="URL", help="broker URL (default mqtt://127.0.0.1:1883)")
+    sp.add_argument("--space", default="my-game", metavar="NAME", help="space name (default my-game)")
+    sp.add_argument("--device", metavar="NAME", help="device name (default: from the host name)")
+    sp.add_argument("--output", "-o", default="agent.yaml", metavar="FILE", help="file to write (default agent.yaml)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file (default: refuse, exit 2)")
     sp.set_defaults(func=_cmd_init)
 
     sp = sub.add_parser("agent", help="sync the files listed in a YAML config",
-                        epilog="example: atrius agent --config agent.yaml")
-    sp.add_argument("--config", required=True, help="agent YAML file")
+                        description="Sync the files and folders listed in the config until Ctrl-C / SIGTERM "
+                                    "(a clean stop publishes presence offline).",
+                        epilog=_epilog("example: atrius agent --config agent.yaml",
+                                       "example: atrius agent --config agent.yaml --tui   (the live screen while "
+                                       "syncing)",
+                                       EXIT_CODES + " (the agent keeps retrying an unreachable broker)"),
+                        formatter_class=raw)
+    config_arg(sp, "device, space, broker, files and folders")
     sp.add_argument("--tui", action="store_true",
                     help="show the live terminal UI (devices, files, transfers, events) while syncing; "
-                         "plain log lines on stdout when it is not a terminal")
+                         "plain log lines on stdout when it is not a terminal (default: log lines on stderr)")
     sp.set_defaults(func=_cmd_agent)
 
     sp = sub.add_parser("tui", help="watch a space live in the terminal without syncing anything",
-                        epilog="example: atrius tui --config agent.yaml   (Ctrl-C to quit)")
-    sp.add_argument("--config", required=True, help="agent YAML file (space and broker; this device's files "
-                                                     "give the local column)")
+                        description="Watch a space live (devices, files, locks, transfers, events) without "
+                                    "syncing anything. Plain lines when stdout is not a terminal; Ctrl-C quits.",
+                        epilog=_epilog("example: atrius tui --config agent.yaml   (Ctrl-C to quit)",
+                                       EXIT_CODES),
+                        formatter_class=raw)
+    config_arg(sp, "space and broker; this device's files give the local column")
     sp.set_defaults(func=_cmd_tui)
 
-    sp = sub.add_parser("demo", help="two devices syncing through the embedded hub on this machine",
-                        epilog="example: atrius demo   (or: atrius demo --forever)")
-    sp.add_argument("--forever", action="store_true", help="keep the hub and devices running after the demo")
-    sp.add_argument("--size", type=int, default=4 * 1024 * 1024, help="size of the demo file in bytes")
+    sp = sub.add_parser("demo", help="the tour: a hub and three devices on this machine, on the live screen",
+                        description="The tour: an embedded hub and three devices on this machine, watched on the "
+                                    "live screen, with a scripted story (sync, a lock, a conflict copy, a device "
+                                    "catching up, a restore). Exits by itself with a summary and removes its "
+                                    "temporary folder.",
+                        epilog=_epilog("example: atrius demo",
+                                       "example: atrius demo --forever   (keep everything running; Ctrl-C quits)",
+                                       "example: atrius demo --screenshot tui.svg",
+                                       EXIT_CODES),
+                        formatter_class=raw)
+    sp.add_argument("--forever", action="store_true",
+                    help="keep the hub and devices running after the tour (default: exit with a summary)")
+    sp.add_argument("--size", type=_positive_int, default=8 * 1024 * 1024, metavar="BYTES",
+                    help="size of the demo texture in bytes (default 8 MiB)")
+    sp.add_argument("--screenshot", metavar="FILE.svg",
+                    help="save the last screen as an SVG file (default: none)")
     sp.set_defaults(func=_cmd_demo)
     return p
 
@@ -303,7 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, args.log_file, one_shot=args.command in ONE_SHOT)
+    try:
+        _setup_logging(args.verbose, args.log_file, one_shot=args.command in ONE_SHOT)
+    except OSError as exc:  # an unwritable --log-file
+        print(f"atrius: cannot write the log file {args.log_file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -168,6 +168,15 @@ def _key_name(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+_READABLE = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key missing",
+    "model_type": "should be a mapping of keys (key: value lines)",
+    "model_attributes_type": "should be a mapping of keys (key: value lines)",
+}
+"""pydantic error types whose own message would name our classes or read oddly in a config error."""
+
+
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     src = Path(os.path.normpath(Path(path).expanduser().absolute()))
     try:
@@ -196,7 +205,7 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = _READABLE.get(err["type"], err["msg"].removeprefix("Value error, "))
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{src}:line {_line_of(loc, lines)}: {_key_name(loc)}: {msg}{more}") from exc
     return _build(src, section, lines)

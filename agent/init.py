@@ -23,7 +23,8 @@ TEMPLATE = """\
 broker:
 {broker_line}# `atrius hub` on the machine that keeps the history, or Mosquitto
   # username: {device}
-  # password_env: ATRIUS_PASSWORD
+  # password_env: ATRIUS_PASSWORD  # or password: ...; read from this environment variable
+  # ca_file: certs/ca.pem          # for mqtts:// with a private CA
 
 # What to sync.  Folders sync recursively (new files, edits, deletions, renames, empty folders);
 # a file inside gets the id "<folder id>/<path inside the folder>", the same on every device.
@@ -39,6 +40,7 @@ folders:
 
 # state_dir: .atrius/{device}      # default: .atrius/<device> beside this file
 # keep_snapshots: 10             # earlier versions kept per file in state_dir/snapshots
+# encryption_key_file: space.key # end-to-end encryption arrives in a later release
 """
 
 

@@ -57,8 +57,11 @@ INITIAL_GRACE = 1.0
 """Seconds after (re)connecting in which arriving state is what was there, not news."""
 STATUS_EVERY = 5.0
 """Seconds between questions to the coordinator (last-seen times, lock history)."""
-LOCAL_EVERY = 1.0
-"""Seconds between looks at this device's files on disk."""
+LOCAL_EVERY = 0.25
+"""Seconds between looks at this device's files on disk (a look costs a stat per file)..."""
+LOCAL_EVERY_MANY = 2.0
+"""...and with more than MANY_FILES files."""
+MANY_FILES = 2_000
 
 
 class SpaceWatch:
@@ -75,6 +78,8 @@ class SpaceWatch:
                          on_disconnected=self._on_disconnected, role="tui")
         self._hashes: dict[Path, tuple[FileStat, str | None]] = {}
         self._local: dict[str, LocalState] = {}
+        self._inputs: dict[str, tuple[object, ...]] = {}
+        """Per file, what its local state was computed from (unchanged: not computed again)."""
         self._synced: dict[str, Head] = {}
         self._synced_stat: FileStat | None = None
         self._coordinator_ok: bool | None = None
@@ -180,8 +185,16 @@ class SpaceWatch:
         if st != self._synced_stat:
             self._synced_stat, self._synced = st, read_synced(self.cfg.state_dir)
         changed = []
+        me = self.me
         for fid, path in self._paths().items():
-            state, _ = local_state(path, self.heads.get(fid), self._synced.get(fid), self.me, fid, self._hash)
+            head, synced = self.heads.get(fid), self._synced.get(fid)
+            busy = me is not None and (fid in me.receiving or fid in me.sending)
+            inputs = (stat_of(path), _dir_mtime(path), head and (head.version, head.hash), synced and synced.hash,
+                      busy) if path is not None else (None,)
+            if self._inputs.get(fid) == inputs:
+                continue
+            self._inputs[fid] = inputs
+            state, _ = local_state(path, head, synced, me, fid, self._hash)
             if self._local.get(fid) is not state:
                 self._local[fid] = state
                 changed.append((fid, state, str(path) if path else None))
@@ -191,7 +204,7 @@ class SpaceWatch:
         while True:
             for fid, state, path in await asyncio.to_thread(self._look):
                 self.events.emit(LocalChanged(fid, state, path))
-            await asyncio.sleep(LOCAL_EVERY)
+            await asyncio.sleep(LOCAL_EVERY if len(self._inputs) <= MANY_FILES else LOCAL_EVERY_MANY)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -210,3 +223,11 @@ class SpaceWatch:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await session.stop()
+
+
+def _dir_mtime(path: Path) -> int | None:
+    """The folder's change time: a conflict copy appearing beside a file changes it."""
+    try:
+        return path.parent.stat().st_mtime_ns
+    except OSError:
+        return None

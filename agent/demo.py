@@ -414,7 +414,7 @@ def _summary(tour: Tour, view: SpaceView, took: float, failed: str | None, logs:
     print(f"  seen on the screen: {t.versions} new version(s), {t.locks} lock(s), {t.conflicts} conflict(s), "
           f"{t.errors} error(s)")
     if screenshot:
-        print(f"  screenshot of the last screen: {screenshot}")
+        print(f"  screenshot of the screen (after step {SCREENSHOT_STEP}, or at the end): {screenshot}")
     if failed:
         for name, text in logs.items():
             print(f"--- {name} log (last lines) ---\n{text[-1500:]}")

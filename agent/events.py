@@ -8,6 +8,7 @@ from the loop thread or any other thread; the UI applies them in order to a ``Sp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -157,7 +158,8 @@ class QueueSink:
             running = None
         if running is self.loop:
             self._put(event)
-        elif not self.loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop (a thread's last log line at exit): drop it
             self.loop.call_soon_threadsafe(self._put, event)
 
     def _put(self, event: Event) -> None:

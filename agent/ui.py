@@ -103,8 +103,8 @@ def _device_cells(view: SpaceView, d: DeviceRow, now: float) -> tuple[Text, Text
     return mark, name, d.host, status
 
 
-def files_table(view: SpaceView, rows: int) -> Table:
-    t = Table(box=box.SIMPLE_HEAD, expand=True, show_edge=False, pad_edge=False)
+def files_table(view: SpaceView, rows: int, *, show_header: bool = True) -> Table:
+    t = Table(box=box.SIMPLE_HEAD, expand=True, show_edge=False, pad_edge=False, show_header=show_header)
     t.add_column("file", ratio=5, no_wrap=True, overflow="ellipsis")
     t.add_column("ver", justify="right", no_wrap=True)
     t.add_column("size", justify="right", no_wrap=True)
@@ -205,10 +205,11 @@ def render(view: SpaceView, height: int, *, now: float | None = None, mono: floa
     mono = time.monotonic() if mono is None else mono
     height = max(height, 12)
     n_top = max(len(view.devices), min(len(view.transfers), 8), 1)
-    top = min(n_top + 3, max(height // 3, 5))
+    top = min(n_top + 3, max(height // 3, 4))
     rest = height - 1 - top
-    middle = max(min(len(view.file_rows()) + 5, rest - 6), 5)  # (borders, header, rule, "more" line)
-    bottom = max(rest - middle, 4)
+    # files: as tall as its rows (+ borders, header, rule, "more" line), leaving the log a third
+    middle = max(min(len(view.file_rows()) + 5, rest - max(3, rest // 3)), 3)
+    bottom = rest - middle
     layout = Layout()
     layout.split_column(Layout(header(view), name="header", size=1), Layout(name="top", size=top),
                         Layout(name="files", size=middle), Layout(name="log", size=bottom))
@@ -217,8 +218,10 @@ def render(view: SpaceView, height: int, *, now: float | None = None, mono: floa
                ratio=4),
         Layout(Panel(transfers_table(view, mono, max(top - 2, 1)), title="live transfers", title_align="left",
                      border_style="cyan"), ratio=5))
-    layout["files"].update(Panel(files_table(view, max(middle - 4, 1)), title="files", title_align="left",
-                                 border_style="blue"))
+    show_header = middle >= 7  # (in a short terminal the rows matter more than the column names)
+    rows = max(middle - (4 if show_header else 2), 1)
+    layout["files"].update(Panel(files_table(view, rows, show_header=show_header), title="files",
+                                 title_align="left", border_style="blue"))
     layout["log"].update(Panel(log_lines(view, bottom - 2), title="events", title_align="left",
                                border_style="blue"))
     return layout

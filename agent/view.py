@@ -135,6 +135,7 @@ class SpaceView:
         """Lines ever appended to the log (the deque keeps the last ``max_log``)."""
         self.totals = Totals()
         self._lock_event_seen = 0.0
+        self._lock_history_seen = False
 
     # -- applying events ------------------------------------------------------------------------
     def apply(self, ev: Event, now: float | None = None) -> None:
@@ -275,12 +276,12 @@ class SpaceView:
 
     def _lock_history(self, ev: LockHistory) -> None:
         fresh = [e for e in ev.events if e.time > self._lock_event_seen]
+        first_batch, self._lock_history_seen = not self._lock_history_seen, True
         if not fresh:
             return
-        first_batch = self._lock_event_seen == 0.0
         self._lock_event_seen = max(e.time for e in fresh)
         if first_batch:
-            return  # history from before the view opened
+            return  # history from before the view opened (an empty first batch: there was none)
         for e in sorted(fresh, key=lambda e: e.time):
             if e.kind is LockEventKind.FORCED:
                 self._say(f"{e.file_id}: {e.by or '?'} forced {e.holder}'s lock open", Level.WARNING)

@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/delta.py $(BENCH_ARGS)
 	$(BIN)/python bench/history.py $(BENCH_ARGS)
+	$(BIN)/python bench/ui.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

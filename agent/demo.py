@@ -8,6 +8,7 @@ under a minute on 2 cores) unless ``--forever``; it removes its temporary folder
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -64,7 +65,8 @@ class _Proc:
     def _spawn(self) -> subprocess.Popen[bytes]:
         with open(self.log, "ab") as fh:
             return subprocess.Popen([sys.executable, "-m", "atrius_cli", *self.args], cwd=self.cwd,
-                                    stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=_env())
+                                    stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=_env(),
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def text(self) -> str:
         try:
@@ -86,6 +88,16 @@ class _Proc:
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the demo process dies, even by SIGKILL, so
+    no device or hub outlives the tour."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _hash(path: Path) -> str | None:
@@ -387,16 +399,21 @@ async def _tour(forever: bool, size: int, screenshot: str | None) -> int:
         tour.say(f"demo failed: {exc}", Level.ERROR)
         await asyncio.sleep(1.0)
     finally:
-        if screenshot and not shot_taken:
-            snap()
-        stop.set()
-        if watch_task is not None:
-            await watch_task
-        await ui
-        log_to.__exit__(None, None, None)
-        await asyncio.to_thread(tour.stop)
-        logs = {name: p.text() for name, p in tour.procs.items()}
-        shutil.rmtree(root, ignore_errors=True)
+        # Whatever happened (a failed step, Ctrl-C, a closed stdout), the devices and the hub stop
+        # and the temporary folder goes.
+        try:
+            if screenshot and not shot_taken:
+                snap()
+        finally:
+            stop.set()
+            for task in (watch_task, ui):
+                if task is not None:
+                    with contextlib.suppress(Exception):
+                        await task
+            log_to.__exit__(None, None, None)
+            tour.stop()
+            logs = {name: p.text() for name, p in tour.procs.items()}
+            shutil.rmtree(root, ignore_errors=True)
     took = time.perf_counter() - t0
     _summary(tour, view, took, failed, logs, screenshot)
     return 0 if failed is None else 1

@@ -268,6 +268,7 @@ class Screen:
         self.console = console or Console(file=self.out)
         self.interactive = self.console.is_terminal if interactive is None else interactive
         self._printed = 0
+        self._closed = False
         self._snapshot_due: float | None = None
         self._snapshot_done = False
         self._resized = False
@@ -351,7 +352,7 @@ class Screen:
             if (self._snapshot_due is not None and not self._snapshot_done
                     and time.monotonic() >= self._snapshot_due):
                 self._snapshot_done = True
-                plain_snapshot(self.view, self.out)
+                self._write(lambda: plain_snapshot(self.view, self.out))
         while not self.sink.queue.empty():
             self._drain(None)
         self._print_new_lines()
@@ -361,8 +362,17 @@ class Screen:
         if new <= 0:
             return
         lines = list(self.view.log)
-        for line in lines[-new:] if new <= len(lines) else lines:
-            level = "" if line.level is Level.INFO else f"{line.level.name} "
-            print(f"{clock(line.at)} {level}{line.text}", file=self.out)
         self._printed = self.view.logged
-        self.out.flush()
+        text = "".join(f"{clock(line.at)} {'' if line.level is Level.INFO else line.level.name + ' '}{line.text}\n"
+                       for line in (lines[-new:] if new <= len(lines) else lines))
+        self._write(lambda: (self.out.write(text), self.out.flush()))
+
+    def _write(self, action: Callable[[], object]) -> None:
+        """Write to stdout unless it was closed (a pipe whose reader went away): then stop writing
+        and keep running (the agent still syncs; Ctrl-C still stops it cleanly)."""
+        if self._closed:
+            return
+        try:
+            action()
+        except (BrokenPipeError, ValueError):  # (ValueError: write to a closed file)
+            self._closed = True

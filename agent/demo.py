@@ -415,7 +415,11 @@ async def _tour(forever: bool, size: int, screenshot: str | None) -> int:
             logs = {name: p.text() for name, p in tour.procs.items()}
             shutil.rmtree(root, ignore_errors=True)
     took = time.perf_counter() - t0
-    _summary(tour, view, took, failed, logs, screenshot)
+    try:
+        _summary(tour, view, took, failed, logs, screenshot)
+    except BrokenPipeError:  # nobody reads stdout any more (e.g. `atrius demo | head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (so the flush at exit does not complain either)
     return 0 if failed is None else 1
 
 

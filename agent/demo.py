@@ -363,6 +363,7 @@ async def _tour(forever: bool, size: int, screenshot: str | None) -> int:
     watch_task: asyncio.Task[None] | None = None
     t0 = time.perf_counter()
     failed: str | None = None
+    interrupted = False
     shot_taken = False
 
     def snap() -> None:
@@ -384,7 +385,7 @@ async def _tour(forever: bool, size: int, screenshot: str | None) -> int:
         halt.cancel()
         if not story.done():
             story.cancel()
-            failed = "interrupted"
+            interrupted = True
         else:
             story.result()
             tour.say(f"tour finished in {time.perf_counter() - t0:.1f} s", Level.INFO)
@@ -416,7 +417,7 @@ async def _tour(forever: bool, size: int, screenshot: str | None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     took = time.perf_counter() - t0
     try:
-        _summary(tour, view, took, failed, logs, screenshot)
+        _summary(tour, view, took, failed, logs, screenshot, interrupted=interrupted)
     except BrokenPipeError:  # nobody reads stdout any more (e.g. `atrius demo | head`)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (so the flush at exit does not complain either)
@@ -424,8 +425,9 @@ async def _tour(forever: bool, size: int, screenshot: str | None) -> int:
 
 
 def _summary(tour: Tour, view: SpaceView, took: float, failed: str | None, logs: dict[str, str],
-             screenshot: str | None) -> None:
-    print(f"\nAtrius tour {'FAILED: ' + failed if failed else 'finished'} in {took:.1f} s "
+             screenshot: str | None, *, interrupted: bool = False) -> None:
+    outcome = f"FAILED: {failed}" if failed else "interrupted (Ctrl-C)" if interrupted else "finished"
+    print(f"\nAtrius tour {outcome} in {took:.1f} s "
           f"(hub + {len(DEVICES)} devices on {tour.url})")
     for i, s in enumerate(tour.steps, 1):
         print(f"  {i}. {s.title} ({s.seconds:.1f} s)")

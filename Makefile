@@ -19,7 +19,7 @@ lint: $(STAMP)
 	$(BIN)/mypy schemas
 
 test: lint
-	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/atrius demo $(DEMO_ARGS)

@@ -146,7 +146,7 @@ class _ProgressSink:
 
     def __init__(self, asm: Assembly, events: EventSink, file_id: str, peer: str, done: int, total: int) -> None:
         self.asm, self.events, self.file_id, self.peer = asm, events, file_id, peer
-        self.done, self.total, self.start = done, total, done
+        self.done, self.total = done, total
         self._last = 0.0
         self._report(finished=False)
 

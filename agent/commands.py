@@ -115,7 +115,7 @@ class _Rpc:
         self.pending: dict[str, asyncio.Future[HubReplyModel]] = {}
         self.session = MqttSession(
             cfg.broker, f"atrius-{role}-{cfg.device}-{self.token[:6]}", on_message=self._on_message,
-            on_connected=on_connected, on_disconnected=on_disconnected,
+            on_connected=on_connected, on_disconnected=on_disconnected, quiet_connect=True,
             username=cfg.username, password=cfg.password, ca_file=cfg.ca_file,
         )
 

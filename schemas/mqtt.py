@@ -91,8 +91,11 @@ class MqttSession:
         password: str | None = None,
         ca_file: str | None = None,
         keepalive: int = 15,
+        quiet_connect: bool = False,
     ) -> None:
         self.url = url
+        self._quiet_connect = quiet_connect
+        """A helper connection (request/reply): its connects are logged at debug level only."""
         self._loop = asyncio.get_running_loop()
         self._on_message = on_message
         self._on_connected = on_connected
@@ -161,7 +164,7 @@ class MqttSession:
         self.connected = True
         self.connect_count += 1
         self._last_error = None
-        log.info("connected to %s", self.url)
+        log.log(logging.DEBUG if self._quiet_connect else logging.INFO, "connected to %s", self.url)
         for topic, qos in self._subs.items():
             self._client.subscribe(topic, qos)
         self._connected_evt.set()

@@ -269,6 +269,7 @@ class Screen:
         self.interactive = self.console.is_terminal if interactive is None else interactive
         self._printed = 0
         self._closed = False
+        self._wake = asyncio.Event()
         self._snapshot_due: float | None = None
         self._snapshot_done = False
         self._resized = False
@@ -296,15 +297,17 @@ class Screen:
     async def _next(self, stop: asyncio.Event, timeout: float) -> object | None:
         get = asyncio.ensure_future(self.sink.queue.get())
         halt = asyncio.ensure_future(stop.wait())
+        wake = asyncio.ensure_future(self._wake.wait())
         try:
-            done, _ = await asyncio.wait({get, halt}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({get, halt, wake}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             return get.result() if get in done else None
         finally:
-            for f in (get, halt):
+            self._wake.clear()
+            for f in (get, halt, wake):
                 if not f.done():
                     f.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(get, halt, return_exceptions=True)
+                await asyncio.gather(get, halt, wake, return_exceptions=True)
 
     async def _run_live(self, stop: asyncio.Event) -> None:
         from rich.live import Live
@@ -338,7 +341,8 @@ class Screen:
                 loop.remove_signal_handler(signal.SIGWINCH)
 
     def _on_resize(self) -> None:
-        self._resized = True  # drawn at the next wake-up (at most TICK_IDLE later, sooner with events)
+        self._resized = True
+        self._wake.set()  # redrawn for the new size at once
 
     async def _run_plain(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

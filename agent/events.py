@@ -15,7 +15,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from schemas.messages import DeviceRecord, Head, LockEvent, LockState, Presence
+from schemas.messages import (
+    DeviceRecord,
+    Head,
+    LockEvent,
+    LockState,
+    Presence,
+    decode_head,
+    decode_lock,
+    decode_presence,
+)
+from schemas.topics import TopicKind, parse_topic
 
 
 class LocalState(enum.StrEnum):
@@ -128,6 +138,27 @@ class Connection:
 
 Event = (PresenceSeen | DevicesKnown | HeadSeen | LockSeen | LockHistory | ConflictSeen | LocalChanged
          | TransferProgress | LogLine | Connection)
+
+
+StateEvent = PresenceSeen | HeadSeen | LockSeen | ConflictSeen
+
+
+def state_event(space: str, topic: str, payload: bytes, *, initial: bool = False) -> StateEvent | None:
+    """The event a message on one of ``space``'s state topics (presence, head, lock, conflict)
+    stands for; None for another space, another kind of topic, or a cleared retained message.
+    Raises TopicError for a topic that is not ours and MessageError for a bad payload."""
+    parsed = parse_topic(topic)
+    if parsed.space != space:
+        return None
+    if parsed.kind is TopicKind.PRESENCE and parsed.device and payload:
+        return PresenceSeen(decode_presence(parsed.device, payload), initial)
+    if parsed.kind is TopicKind.HEAD and parsed.file_id and payload:
+        return HeadSeen(decode_head(parsed.file_id, payload), initial)
+    if parsed.kind is TopicKind.LOCK and parsed.file_id:
+        return LockSeen(parsed.file_id, decode_lock(parsed.file_id, payload), initial)
+    if parsed.kind is TopicKind.CONFLICT and parsed.file_id and payload:
+        return ConflictSeen(decode_head(parsed.file_id, payload))
+    return None
 
 
 class EventSink(Protocol):

@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.chunker import FileChanged, hash_file
 from agent.commands import CommandError, _Rpc, _when, connect_rpc, head_pages, human_size
 from agent.config import AgentConfig
-from agent.events import LocalState
+from agent.events import HeadSeen, LocalState, LockSeen, PresenceSeen, state_event
 from agent.state import read_synced
 from schemas.locks import describe
 from schemas.messages import (
@@ -31,13 +31,10 @@ from schemas.messages import (
     PresenceState,
     StatusReply,
     StatusRequest,
-    decode_head,
-    decode_lock,
-    decode_presence,
 )
 from schemas.mqtt import STATE_QOS
 from schemas.rules import presence_is_current, supersedes
-from schemas.topics import TopicError, TopicKind, all_heads_filter, all_locks_filter, all_presence_filter, parse_topic
+from schemas.topics import TopicError, all_heads_filter, all_locks_filter, all_presence_filter
 
 log = logging.getLogger("atrius.cli")
 
@@ -54,28 +51,24 @@ class _Collected:
 
     def on_message(self, topic: str, payload: bytes) -> None:
         try:
-            parsed = parse_topic(topic)
+            ev = state_event(self.space, topic, payload)
         except TopicError:
             return
-        if parsed.space != self.space:
-            return
-        try:
-            if parsed.kind is TopicKind.PRESENCE and parsed.device and payload:
-                p = decode_presence(parsed.device, payload)
-                if presence_is_current(p, self.presence.get(p.device)):
-                    self.presence[p.device] = p
-            elif parsed.kind is TopicKind.HEAD and parsed.file_id and payload:
-                h = decode_head(parsed.file_id, payload)
-                if supersedes(h, self.heads.get(h.file_id)):
-                    self.heads[h.file_id] = h
-            elif parsed.kind is TopicKind.LOCK and parsed.file_id:
-                lock = decode_lock(parsed.file_id, payload)
-                if lock is None:
-                    self.locks.pop(parsed.file_id, None)
-                else:
-                    self.locks[parsed.file_id] = lock
         except MessageError as exc:
             log.warning("ignored %s", exc)
+            return
+        if isinstance(ev, PresenceSeen):
+            p = ev.presence
+            if presence_is_current(p, self.presence.get(p.device)):
+                self.presence[p.device] = p
+        elif isinstance(ev, HeadSeen):
+            if supersedes(ev.head, self.heads.get(ev.head.file_id)):
+                self.heads[ev.head.file_id] = ev.head
+        elif isinstance(ev, LockSeen):
+            if ev.lock is None:
+                self.locks.pop(ev.file_id, None)
+            else:
+                self.locks[ev.file_id] = ev.lock
 
 
 def _status_request(req_id: str, token: str) -> StatusRequest:

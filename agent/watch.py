@@ -15,7 +15,6 @@ from agent.chunker import FileStat, stat_of
 from agent.commands import CommandError, _Rpc, head_pages
 from agent.config import AgentConfig
 from agent.events import (
-    ConflictSeen,
     Connection,
     DevicesKnown,
     EventSink,
@@ -23,8 +22,8 @@ from agent.events import (
     LocalChanged,
     LocalState,
     LockHistory,
-    LockSeen,
     PresenceSeen,
+    state_event,
 )
 from agent.state import read_synced
 from agent.status import hash_or_none, local_state
@@ -35,20 +34,15 @@ from schemas.messages import (
     Presence,
     StatusReply,
     StatusRequest,
-    decode_head,
-    decode_lock,
-    decode_presence,
 )
 from schemas.mqtt import STATE_QOS
 from schemas.rules import presence_is_current, supersedes
 from schemas.topics import (
     TopicError,
-    TopicKind,
     all_conflicts_filter,
     all_heads_filter,
     all_locks_filter,
     all_presence_filter,
-    parse_topic,
 )
 
 log = logging.getLogger("atrius.tui")
@@ -98,27 +92,21 @@ class SpaceWatch:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:
-            parsed = parse_topic(topic)
+            ev = state_event(self.cfg.space, topic, payload, initial=self._initial())
         except TopicError as exc:
             log.debug("dropped message: %s", exc)
             return
-        if parsed.space != self.cfg.space:
-            return
-        try:
-            if parsed.kind is TopicKind.PRESENCE and parsed.device and payload:
-                p = decode_presence(parsed.device, payload)
-                if p.device == self.cfg.device and presence_is_current(p, self.me):
-                    self.me = p
-                self.events.emit(PresenceSeen(p, initial=self._initial()))
-            elif parsed.kind is TopicKind.HEAD and parsed.file_id and payload:
-                self._head(decode_head(parsed.file_id, payload), initial=self._initial())
-            elif parsed.kind is TopicKind.LOCK and parsed.file_id:
-                self.events.emit(LockSeen(parsed.file_id, decode_lock(parsed.file_id, payload),
-                                          initial=self._initial()))
-            elif parsed.kind is TopicKind.CONFLICT and parsed.file_id and payload:
-                self.events.emit(ConflictSeen(decode_head(parsed.file_id, payload)))
         except MessageError as exc:
             log.warning("dropped %s", exc)
+            return
+        if isinstance(ev, HeadSeen):
+            self._head(ev.head, initial=ev.initial)
+            return
+        if isinstance(ev, PresenceSeen) and ev.presence.device == self.cfg.device and presence_is_current(
+                ev.presence, self.me):
+            self.me = ev.presence
+        if ev is not None:
+            self.events.emit(ev)
 
     def _head(self, head: Head, *, initial: bool) -> None:
         if supersedes(head, self.heads.get(head.file_id)):

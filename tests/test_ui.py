@@ -627,3 +627,33 @@ def test_log_bridge_turns_records_into_log_lines() -> None:
         logger.removeHandler(bridge)
         logger.propagate = True
     assert [e.text for e in warn_only.events if isinstance(e, LogLine)] == ["loud"]
+
+
+def test_state_event_decodes_the_state_topics_of_one_space() -> None:
+    """The one decoder behind `atrius tui` and `atrius status`: state topics of the space become
+    events; other spaces, other topics and cleared retained messages become nothing."""
+    from agent.events import state_event
+    from schemas.messages import MessageError, encode
+    from schemas.topics import TopicError, conflict_topic, head_topic, lock_topic, presence_topic
+
+    p = Presence(device=BOB, state=PresenceState.ONLINE, epoch=7, host="ws-bob")
+    ev = state_event("game", presence_topic("game", BOB), encode(p), initial=True)
+    assert isinstance(ev, PresenceSeen) and ev.presence == p and ev.initial
+    h = head(HERO, 3, BOB, 1)
+    ev = state_event("game", head_topic("game", HERO), encode(h))
+    assert isinstance(ev, HeadSeen) and ev.head == h and not ev.initial
+    lk = LockState(file_id=HERO, holder=BOB, acquired_at=T0)
+    ev = state_event("game", lock_topic("game", HERO), encode(lk))
+    assert isinstance(ev, LockSeen) and ev.lock == lk
+    ev = state_event("game", lock_topic("game", HERO), b"")
+    assert isinstance(ev, LockSeen) and ev.file_id == HERO and ev.lock is None  # unlocked
+    ev = state_event("game", conflict_topic("game", HERO), encode(h))
+    assert isinstance(ev, ConflictSeen) and ev.head == h
+    assert state_event("other", head_topic("game", HERO), encode(h)) is None  # another space
+    assert state_event("game", head_topic("game", HERO), b"") is None  # a cleared retained head
+    with pytest.raises(MessageError):
+        state_event("game", head_topic("game", HERO), b"{not json")
+    with pytest.raises(MessageError):  # the payload names another file than its topic
+        state_event("game", head_topic("game", ROCK), encode(h))
+    with pytest.raises(TopicError):
+        state_event("game", "atrius/v1/game/nonsense/x", b"{}")

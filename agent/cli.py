@@ -46,7 +46,7 @@ def main_agent(config_path: str, *, tui: bool, run: Runner) -> int:
         sink = QueueSink(asyncio.get_running_loop())
         engine.events = sink
         view = SpaceView(cfg.space, cfg.device, broker=str(cfg.broker), agent=True)
-        await _with_ui(view, sink, engine.run(stop), stop, logging.INFO)
+        await _with_ui(view, sink, engine.run(stop), logging.INFO)
 
     run(with_screen)
     return 0
@@ -67,14 +67,13 @@ def main_tui(config_path: str, *, run: Runner) -> int:
 
         sink = QueueSink(asyncio.get_running_loop())
         view = SpaceView(cfg.space, cfg.device, broker=str(cfg.broker), agent=False)
-        await _with_ui(view, sink, SpaceWatch(cfg, sink).run(stop), stop, logging.WARNING)
+        await _with_ui(view, sink, SpaceWatch(cfg, sink).run(stop), logging.WARNING)
 
     run(watch)
     return 0
 
 
-async def _with_ui(view: SpaceView, sink: QueueSink, body: Awaitable[None], stop: asyncio.Event,
-                   level: int) -> None:
+async def _with_ui(view: SpaceView, sink: QueueSink, body: Awaitable[None], level: int) -> None:
     """Run ``body`` with the screen drawing ``view``; the log goes to the screen's event log (and
     the --log-file) instead of stderr while the screen owns the terminal."""
     from agent.events import LogBridge

@@ -28,6 +28,7 @@ import blake3
 from agent.commands import human_size
 from agent.config import load_config
 from agent.events import Level, LogBridge, LogLine, QueueSink
+from agent.status import hash_or_none as _hash
 from agent.view import SpaceView
 
 SPACE = "demo"
@@ -98,17 +99,6 @@ def _die_with_parent() -> None:
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _hash(path: Path) -> str | None:
-    try:
-        h = blake3.blake3()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-        return h.hexdigest()
-    except OSError:
-        return None
 
 
 def _writable(path: Path) -> bool:

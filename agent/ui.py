@@ -273,8 +273,6 @@ class Screen:
         self._snapshot_due: float | None = None
         self._snapshot_done = False
         self._resized = False
-        self.on_frame: Callable[[SpaceView], None] | None = None
-        """Called after each frame is drawn (the demo uses it to keep the last screen)."""
 
     def _drain(self, first: object | None) -> bool:
         changed = False
@@ -329,11 +327,9 @@ class Screen:
                     if (dirty and now - last_draw >= frame) or now - last_draw >= tick:
                         self.view.expire(now)
                         live.update(render(self.view, self.console.size.height), refresh=True)
-                        if self.on_frame is not None:
-                            self.on_frame(self.view)
                         last_draw, dirty = now, False
-                    wait = max(frame - (now - last_draw), 0.0) if dirty else max(tick - (now - last_draw), 0.01)
-                    ev = await self._next(stop, wait if not dirty else max(wait, 0.005))
+                    wait = (frame if dirty else tick) - (now - last_draw)
+                    ev = await self._next(stop, max(wait, 0.005))
                     if ev is not None and self._drain(ev):
                         dirty = True
         finally:

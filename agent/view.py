@@ -125,7 +125,6 @@ class SpaceView:
         self.me = me
         self.broker = broker
         self.agent = agent
-        self.narrate = not agent
         self.connected = False
         self.devices: dict[str, DeviceRow] = {}
         self.files: dict[str, FileRow] = {}
@@ -184,6 +183,11 @@ class SpaceView:
                           f"lost the broker {ev.broker or self.broker}; reconnecting",
                           Level.INFO if ev.connected else Level.WARNING)
             self.connected = ev.connected
+
+    @property
+    def narrate(self) -> bool:
+        """Whether the view writes the event log itself (not when the agent's own log is it)."""
+        return not self.agent
 
     def _say(self, text: str, level: Level = Level.INFO) -> None:
         if self.narrate:
